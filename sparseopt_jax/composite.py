@@ -1,0 +1,120 @@
+"""``sparseopt``: skew correction + topology update + mask, as one Optax transform.
+
+How the stages share the mask: the masks live in exactly one place, the
+:class:`~sparseopt_jax.topology.TopologyState` of the topology stage. Each step
+
+1. :func:`~sparseopt_jax.skew_correct` scales the raw gradient per neuron,
+   reading the current masks, which ``sparseopt`` passes to it as the keyword
+   ``masks=``;
+2. :func:`~sparseopt_jax.topology_update` updates the masks on schedule, RigL
+   ranking the raw gradient (``grow_with="raw"``) or the corrected one;
+3. the mask stage (:func:`~sparseopt_jax.mask`, which the topology stage
+   applies with the masks it owns) zeroes the pruned entries.
+
+:func:`~sparseopt_jax.apply_updates` and :func:`~sparseopt_jax.get_masks` find
+the same masks in the state, so nothing is stored twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import optax
+
+from sparseopt_jax import budgets
+from sparseopt_jax import skew as skew_lib
+from sparseopt_jax import topology as topology_lib
+from sparseopt_jax import tree as tree_lib
+from sparseopt_jax.checks import check_choice
+
+GROW_WITH = ("raw", "corrected")
+
+
+class SparseOptState(NamedTuple):
+  """State of :func:`sparseopt`.
+
+  Attributes:
+    skew: the skew stage's state (``optax.EmptyState`` when ``skew=None``).
+    topology: the topology stage's state, which owns the masks.
+  """
+  skew: Any
+  topology: topology_lib.TopologyState
+
+
+def sparseopt(
+    sparsity: float,
+    *,
+    distribution: budgets.Distribution = "erk",
+    topology: str = "rigl",
+    update_every: int = 100,
+    drop_fraction: float = 0.3,
+    end_step: int | None = None,
+    skew: str | None = "density",
+    grow_with: str = "raw",
+    sparse_filter: tree_lib.SparseFilter = None,
+    masks: Any = None,
+    seed: int = 0,
+    bn_pairs: Mapping[str, str | None] | None = None,
+    neuron_axis: int = -1,
+    bn_floor: float = 0.1,
+) -> optax.GradientTransformationExtraArgs:
+  """SparseOpt: dynamic sparse training with normalisation-aware skew correction.
+
+  Use before any optimizer::
+
+    tx = optax.chain(so.sparseopt(0.9, end_step=75_000), optax.sgd(0.1, momentum=0.9))
+    state = tx.init(params)
+    params = so.apply_masks(params, state)
+    updates, state = tx.update(grads, state, params)
+    params, state = so.apply_updates(params, updates, state)
+
+  Args:
+    sparsity: target fraction of zeros over the sparse leaves, in [0, 1).
+    distribution: layer budgets, ``"uniform"``, ``"erk"``, ``"er"`` or a mapping
+      from leaf-path regex to sparsity.
+    topology: ``"rigl"``, ``"set"`` or ``"static"``.
+    update_every: Delta-T, steps between mask updates.
+    drop_fraction: alpha, cosine-decayed to 0 at ``end_step``.
+    end_step: no mask update at or after this step; required unless static.
+    skew: ``"density"`` (c_i = sqrt(d_i / d_avg), the paper), ``"bn"`` (from
+      the BatchNorm running variance; ``update`` takes ``batch_stats=``) or None
+      (plain dynamic sparse training).
+    grow_with: the gradient RigL's grow criterion ranks: ``"raw"`` (the paper's
+      best exploration) or ``"corrected"``.
+    sparse_filter: which leaves are sparse (default: ndim >= 2).
+    masks: optional initial masks, overriding ``sparsity`` and ``distribution``.
+    seed: seed of the initial masks and of the topology noise.
+    bn_pairs: kernel path -> BatchNorm path, for ``skew="bn"``.
+    neuron_axis: the neuron axis of every sparse leaf (last, for Flax).
+    bn_floor: least factor in ``"bn"`` mode.
+  """
+  check_choice("grow_with", grow_with, GROW_WITH)
+  if skew is not None:
+    check_choice("skew", skew, skew_lib.SKEW_MODES)
+  topo = topology_lib.topology_update(
+      topology, sparsity=sparsity, distribution=distribution, masks=masks,
+      sparse_filter=sparse_filter, update_every=update_every, drop_fraction=drop_fraction,
+      end_step=end_step, seed=seed)
+  correct = None if skew is None else skew_lib.skew_correct(
+      skew, bn_pairs=bn_pairs, neuron_axis=neuron_axis, bn_floor=bn_floor)
+
+  def init_fn(params):
+    return SparseOptState(
+        skew=optax.EmptyState() if correct is None else correct.init(params),
+        topology=topo.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    extra_args.pop("masks", None)
+    extra_args.pop("grow_grads", None)
+    grads = updates
+    skew_state = state.skew
+    if correct is not None:
+      updates, skew_state = correct.update(updates, skew_state, params,
+                                           masks=state.topology.masks, **extra_args)
+    updates, topo_state = topo.update(
+        updates, state.topology, params,
+        grow_grads=grads if grow_with == "raw" else None, **extra_args)
+    return updates, SparseOptState(skew=skew_state, topology=topo_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,85 @@
+"""Diagnostics: per-leaf sparsity and neuron densities, exploration, and the skew slope."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparseopt_jax import masking
+from sparseopt_jax import topology as topology_lib
+from sparseopt_jax import tree as tree_lib
+
+
+def _masks_by_path(masks: Any) -> dict[str, jax.Array]:
+  return {tree_lib.path_str(p): m for p, m in
+          jax.tree_util.tree_leaves_with_path(masks, is_leaf=tree_lib.is_none) if m is not None}
+
+
+def sparsity_summary(state: Any, neuron_axis: int = -1) -> dict[str, Any]:
+  """Host-side summary of an optimizer state's masks.
+
+  Returns:
+    ``{"sparsity": fraction of zeros over all sparse leaves,
+       "exploration": fraction of sparse weights ever active since init
+                      (None without a topology stage),
+       "density_spread": mean over leaves of std(d_i) / mean(d_i),
+       "leaves": {path: {"size", "active", "sparsity",
+                         "density_min", "density_median", "density_max"}}}``
+  """
+  leaves = {}
+  total = active = 0
+  spreads = []
+  for path, m in _masks_by_path(masking.get_masks(state)).items():
+    d = np.asarray(tree_lib.neuron_density(m, neuron_axis))
+    n_active = int(jnp.sum(m))
+    leaves[path] = {
+        "size": int(m.size), "active": n_active, "sparsity": 1.0 - n_active / m.size,
+        "density_min": float(d.min()), "density_median": float(np.median(d)),
+        "density_max": float(d.max())}
+    total += m.size
+    active += n_active
+    if d.mean() > 0:
+      spreads.append(float(d.std() / d.mean()))
+  topo = [s for s in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, topology_lib.TopologyState))
+          if isinstance(s, topology_lib.TopologyState)]
+  exploration = None
+  if topo:
+    ever, n = topology_lib.exploration_counts(topo[0])
+    exploration = ever / max(n, 1)
+  return {"sparsity": 1.0 - active / max(total, 1), "exploration": exploration,
+          "density_spread": float(np.mean(spreads)) if spreads else 0.0, "leaves": leaves}
+
+
+def leaf_skew_slope(grad: jax.Array, mask: jax.Array, neuron_axis: int = -1) -> jax.Array:
+  """Least-squares slope of log rms(g over neuron i's surviving weights) on log d_i.
+
+  About -0.5 when BatchNorm follows a sparse layer, about 0 once corrected
+  (SparseOpt sec. 3). Neurons with d_i = 0 or zero gradient are left out; NaN
+  when fewer than two distinct densities remain. Jittable.
+  """
+  axes = tree_lib.reduce_axes(grad.ndim, neuron_axis)
+  g2 = jnp.square(grad.astype(jnp.float32)) * mask
+  kept = jnp.sum(mask, axis=axes, dtype=jnp.float32)
+  ms = jnp.sum(g2, axis=axes) / jnp.maximum(kept, 1.0)
+  ok = (kept > 0) & (ms > 0)
+  x = jnp.where(ok, jnp.log(jnp.maximum(kept, 1.0) / (mask.size / kept.size)), 0.0)
+  y = jnp.where(ok, 0.5 * jnp.log(jnp.where(ok, ms, 1.0)), 0.0)
+  w = ok.astype(jnp.float32)
+  n = jnp.sum(w)
+  mx, my = jnp.sum(w * x) / n, jnp.sum(w * y) / n
+  var = jnp.sum(w * (x - mx) ** 2)
+  return jnp.where(var > 1e-12, jnp.sum(w * (x - mx) * (y - my)) / jnp.where(var > 1e-12, var, 1.0),
+                   jnp.nan)
+
+
+def skew_slope(grads: Any, masks: Any, neuron_axis: int = -1) -> dict[str, jax.Array]:
+  """Per sparse leaf, :func:`leaf_skew_slope` of ``grads``. Takes masks or a state."""
+  masks = masking.resolve_masks(masks)
+  tree_lib.check_masks_like(masks, grads, what="masks")
+  grads_by_path = {tree_lib.path_str(p): g for p, g in jax.tree_util.tree_leaves_with_path(grads)}
+  return {path: leaf_skew_slope(grads_by_path[path], m, neuron_axis)
+          for path, m in _masks_by_path(masks).items()}

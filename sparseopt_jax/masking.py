@@ -1,0 +1,191 @@
+"""The mask stage, and keeping pruned weights at exactly zero.
+
+A *mask* is a pytree shaped like the params: a boolean array at every sparse
+leaf (True = the weight is active) and ``None`` at every dense leaf. Exactly
+one state in an optimizer chain owns the masks (a :class:`MaskState` built with
+masks, or a :class:`~sparseopt_jax.topology.TopologyState`); :func:`get_masks`
+finds it and :func:`apply_updates` uses it to keep the invariant
+
+    every pruned weight, and every optimizer-state entry of a pruned weight, is 0.0
+
+whatever inner optimizer the chain holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparseopt_jax import budgets
+from sparseopt_jax import tree as tree_lib
+
+
+class MaskState(NamedTuple):
+  """State of :func:`mask`.
+
+  Attributes:
+    masks: the fixed masks given at construction (bool at sparse leaves, None at
+      dense ones), or None when the masks come from ``update(..., masks=...)``.
+  """
+  masks: Any
+
+
+# State classes whose ``masks`` field, when not None, is *the* masks of a chain.
+MASK_OWNERS: list[type] = [MaskState]
+
+
+def as_bool_masks(masks: Any) -> Any:
+  return jax.tree.map(lambda m: None if m is None else jnp.asarray(m).astype(bool),
+                      masks, is_leaf=tree_lib.is_none)
+
+
+def mask_updates(updates: Any, masks: Any) -> Any:
+  """Zero the entries of ``updates`` where ``masks`` is False."""
+  return tree_lib.map_with_masks(lambda m, u: jnp.where(m, u, jnp.zeros((), u.dtype)),
+                                 masks, updates)
+
+
+def mask(masks: Any = None) -> optax.GradientTransformationExtraArgs:
+  """Zero the gradient of every pruned weight: ``u <- u * m``.
+
+  On its own (``optax.chain(so.mask(masks), optax.sgd(...))`` with
+  :func:`apply_updates`) this is static sparse training with the given masks.
+
+  Args:
+    masks: pytree like the params, bool arrays at sparse leaves and None at
+      dense ones. If None, every ``update`` must receive the current masks as
+      the keyword ``masks=`` (this is how :func:`~sparseopt_jax.sparseopt`
+      shares the masks that its topology stage owns).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; unknown keyword arguments to
+    ``update`` are ignored.
+  """
+  given = None if masks is None else as_bool_masks(masks)
+
+  def init_fn(params):
+    if given is not None:
+      tree_lib.check_masks_like(given, params)
+    return MaskState(masks=given)
+
+  def update_fn(updates, state, params=None, *, masks=None, **extra_args):
+    del params, extra_args
+    current = masks if masks is not None else state.masks
+    if current is None:
+      raise ValueError("so.mask() was built without masks, so update() needs the current "
+                       "masks as the keyword masks=...")
+    return mask_updates(updates, current), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def random_masks(params: Any, sparsity: float, distribution: budgets.Distribution = "uniform",
+                 *, sparse_filter: tree_lib.SparseFilter = None, seed: int = 0) -> Any:
+  """Random masks with exactly round((1 - s_l) * n_l) active weights per sparse leaf.
+
+  ``s_l`` comes from :func:`~sparseopt_jax.budgets.layer_sparsities`; the active
+  positions of each leaf are uniform at random, so per-neuron densities vary
+  binomially around ``1 - s_l`` as in RigL and SET.
+  """
+  keep = tree_lib.make_sparse_filter(sparse_filter)
+  shapes = tree_lib.sparse_shapes(params, keep)
+  counts = budgets.active_counts(shapes, budgets.layer_sparsities(shapes, sparsity, distribution))
+  key = jax.random.PRNGKey(seed)
+  index = {path: i for i, path in enumerate(shapes)}
+
+  def leaf_mask(p, x):
+    path = tree_lib.path_str(p)
+    if path not in shapes:
+      return None
+    n = x.size
+    perm = jax.random.permutation(jax.random.fold_in(key, index[path]), n)
+    return (perm < counts[path]).reshape(x.shape)
+
+  return jax.tree_util.tree_map_with_path(leaf_mask, params)
+
+
+def _owner_masks(state: Any) -> list[Any]:
+  owners = tuple(MASK_OWNERS)
+  found = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, owners))
+  return [s.masks for s in found if isinstance(s, owners) and s.masks is not None]
+
+
+def get_masks(state: Any) -> Any:
+  """The masks owned by an optimizer state (a whole chain's state is fine).
+
+  Raises:
+    ValueError: if no stage of the state owns masks, or more than one does.
+  """
+  found = _owner_masks(state)
+  if len(found) != 1:
+    raise ValueError(
+        f"expected exactly one mask-owning state (MaskState with masks, or TopologyState) in "
+        f"the optimizer state, found {len(found)}; build the chain with so.sparseopt(...), "
+        "so.topology_update(...) or so.mask(masks)")
+  return found[0]
+
+
+def resolve_masks(masks_or_state: Any) -> Any:
+  return get_masks(masks_or_state) if _owner_masks(masks_or_state) else masks_or_state
+
+
+def apply_masks(params: Any, masks_or_state: Any) -> Any:
+  """Zero the pruned weights: ``params * mask``. Takes masks or an optimizer state."""
+  return mask_updates(params, resolve_masks(masks_or_state))
+
+
+def _mask_like_params(state: Any, params: Any, masks: Any) -> Any:
+  """Zero the pruned entries of every state subtree that is shaped like the params.
+
+  A subtree counts as shaped like the params when it is of the same container
+  type and each of its leaves sits at a params path with that param's shape.
+  This finds momentum, Adam's moments, Lion's and inject_hyperparams' inner
+  states, and ``optax.masked``'s state (whose masked-out leaves are
+  ``MaskedNode``s), without knowing any optimizer's state class.
+  """
+  shapes = {tree_lib.path_str(p): jnp.shape(x)
+            for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  by_path = {tree_lib.path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(
+      masks, is_leaf=tree_lib.is_none)}
+  owners = tuple(MASK_OWNERS)
+
+  def like_params(node):
+    if type(node) is not type(params):
+      return False
+    leaves = jax.tree_util.tree_leaves_with_path(node)
+    return bool(leaves) and all(
+        shapes.get(tree_lib.path_str(p), None) == jnp.shape(x) for p, x in leaves)
+
+  def remask(p, x):
+    m = by_path.get(tree_lib.path_str(p))
+    return x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype))
+
+  def visit(node):
+    if isinstance(node, owners) or node is None:
+      return node
+    if like_params(node):
+      return jax.tree_util.tree_map_with_path(remask, node)
+    children, treedef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+    if jax.tree_util.treedef_is_leaf(treedef):
+      return node
+    return jax.tree_util.tree_unflatten(treedef, [visit(c) for c in children])
+
+  return visit(state)
+
+
+def apply_updates(params: Any, updates: Any, state: Any) -> tuple[Any, Any]:
+  """``optax.apply_updates``, then re-mask the params and the optimizer state.
+
+  After it every pruned weight is exactly 0.0, and so is every entry for a
+  pruned weight in any optimizer-state subtree shaped like the params (so a
+  weight grown later starts from zero moments).
+
+  Returns:
+    ``(new_params, new_state)``.
+  """
+  masks = get_masks(state)
+  params = optax.apply_updates(params, updates)
+  return mask_updates(params, masks), _mask_like_params(state, params, masks)

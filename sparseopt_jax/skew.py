@@ -1,0 +1,166 @@
+"""The skew-correction stage: per-neuron gradient scales that undo BatchNorm's skew.
+
+BatchNorm divides neuron i's pre-activation by sigma'_i = sqrt(d_i) * sigma_i,
+so the gradient reaching its surviving weights is scaled by 1/sqrt(d_i) (d_i
+the fraction of its incoming weights kept). SparseOpt (Adnan et al., ICML 2026,
+arXiv 2605.27541) multiplies the gradient of neuron i's incoming weights by
+
+    density:  c_i = sqrt(d_i / mean_j d_j)
+    bn:       c_i = max(floor, sqrt((v_i + eps) / mean_j (v_j + eps)))
+
+where v_i is the running variance of the BatchNorm that normalises neuron i's
+output (a measured scale rather than the density proxy). Dense leaves, and in
+"bn" mode leaves with no BatchNorm mapped to them, keep c_i = 1 and the density
+formula respectively. A neuron with d_i = 0 gets c_i = 0, never NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparseopt_jax import masking
+from sparseopt_jax.checks import check_choice
+from sparseopt_jax import tree as tree_lib
+
+SKEW_MODES = ("density", "bn")
+
+
+class SkewState(NamedTuple):
+  """State of :func:`skew_correct`.
+
+  Attributes:
+    densities: per sparse leaf, the float32 vector d_i of the fixed masks given
+      at construction (None at dense leaves); None when the masks come from
+      ``update(..., masks=...)``.
+  """
+  densities: Any
+
+
+def density_factors(densities: jax.Array) -> jax.Array:
+  """c_i = sqrt(d_i / mean_j d_j), 0 where d_i = 0 or the layer is empty."""
+  mean = jnp.mean(densities)
+  safe = jnp.where(mean > 0, mean, 1.0)
+  return jnp.where(mean > 0, jnp.sqrt(densities / safe), 0.0)
+
+
+def bn_factors(variance: jax.Array, epsilon: float, floor: float) -> jax.Array:
+  """c_i = max(floor, sqrt((v_i + eps) / mean_j (v_j + eps)))."""
+  v = variance.astype(jnp.float32) + epsilon
+  return jnp.maximum(floor, jnp.sqrt(v / jnp.mean(v)))
+
+
+def check_bn_pairs(bn_pairs: Any) -> dict[str, str | None]:
+  if not isinstance(bn_pairs, Mapping):
+    raise ValueError("skew='bn' needs bn_pairs: a mapping from kernel path (e.g. "
+                     "'Conv_0/kernel') to the path of its BatchNorm in batch_stats "
+                     f"(e.g. 'BatchNorm_0'), got {type(bn_pairs).__name__}")
+  for k, v in bn_pairs.items():
+    if not isinstance(k, str) or not (v is None or isinstance(v, str)):
+      raise ValueError(f"bn_pairs entries must be str -> str | None, got {k!r} -> {v!r}")
+  return dict(bn_pairs)
+
+
+def _bn_variances(batch_stats: Any, bn_pairs: Mapping[str, str | None]) -> dict[str, jax.Array]:
+  """``{kernel path: running variance}`` for the kernels with a mapped BatchNorm."""
+  stats = {tree_lib.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(batch_stats)}
+  out = {}
+  for kernel, bn in bn_pairs.items():
+    if bn is None:
+      continue
+    var = stats.get(f"{bn}/var", stats.get(bn))
+    if var is None:
+      known = sorted({p.rsplit("/", 1)[0] for p in stats})
+      raise ValueError(f"bn_pairs maps {kernel!r} to the BatchNorm {bn!r}, which batch_stats "
+                       f"does not hold (no '{bn}/var'); batch_stats has {known[:10]}")
+    out[kernel] = var
+  return out
+
+
+def skew_correct(
+    mode: str = "density",
+    *,
+    masks: Any = None,
+    bn_pairs: Mapping[str, str | None] | None = None,
+    neuron_axis: int = -1,
+    bn_epsilon: float = 1e-5,
+    bn_floor: float = 0.1,
+) -> optax.GradientTransformationExtraArgs:
+  """Scale each neuron's incoming gradient by c_i (see the module docstring).
+
+  On its own, ``optax.chain(so.skew_correct(masks=m), so.mask(m), optax.sgd(...))``
+  is skew-corrected static sparse training.
+
+  Args:
+    mode: ``"density"`` (the paper) or ``"bn"`` (BatchNorm running variance).
+    masks: fixed masks; if None, every ``update`` takes the current masks as
+      the keyword ``masks=`` (how :func:`~sparseopt_jax.sparseopt` shares them).
+    bn_pairs: ``{kernel path: BatchNorm path in batch_stats, or None}``; with
+      mode ``"bn"``, ``update`` needs ``batch_stats=``. Unmapped sparse leaves
+      use the density formula.
+    neuron_axis: the axis of a leaf that indexes neurons (last for Flax HWIO
+      conv kernels and (in, out) dense kernels).
+    bn_epsilon: added to the variances, as BatchNorm does.
+    bn_floor: the least factor in "bn" mode, so a channel whose weights are all
+      newly grown (variance ~ 0) is not frozen.
+  """
+  check_choice("skew", mode, SKEW_MODES)
+  tree_lib.check_neuron_axis(neuron_axis)
+  pairs = check_bn_pairs(bn_pairs) if mode == "bn" else {}
+  if not bn_floor >= 0.0:
+    raise ValueError(f"bn_floor must be >= 0, got {bn_floor!r}")
+  given = None if masks is None else masking.as_bool_masks(masks)
+
+  def densities_of(masks):
+    return jax.tree.map(lambda m: None if m is None else tree_lib.neuron_density(m, neuron_axis),
+                        masks, is_leaf=tree_lib.is_none)
+
+  def init_fn(params):
+    unknown = sorted(set(pairs) - set(tree_lib.leaf_paths(params)))
+    if unknown:
+      raise ValueError(f"bn_pairs names kernels that are not params: {unknown[:5]}; params "
+                       f"paths look like {tree_lib.leaf_paths(params)[:3]}")
+    if given is None:
+      return SkewState(densities=None)
+    tree_lib.check_masks_like(given, params)
+    return SkewState(densities=densities_of(given))
+
+  def update_fn(updates, state, params=None, *, masks=None, batch_stats=None, **extra_args):
+    del params, extra_args
+    if masks is not None:
+      densities = densities_of(masks)
+    elif state.densities is not None:
+      densities = state.densities
+    else:
+      raise ValueError("so.skew_correct() was built without masks, so update() needs the "
+                       "current masks as the keyword masks=...")
+    variances = {}
+    if mode == "bn":
+      if batch_stats is None:
+        raise ValueError("skew='bn' reads BatchNorm running variances: call "
+                         "tx.update(grads, state, params, batch_stats=variables['batch_stats'])")
+      variances = _bn_variances(batch_stats, pairs)
+
+    def scale(p, d, u):
+      if d is None:
+        return u
+      path = tree_lib.path_str(p)
+      if path in variances:
+        var = variances[path]
+        if var.shape != d.shape:
+          raise ValueError(f"the BatchNorm {pairs[path]!r} has {var.shape[0]} features but "
+                           f"{path!r} has {d.shape[0]} neurons on axis {neuron_axis}")
+        c = bn_factors(var, bn_epsilon, bn_floor)
+      else:
+        c = density_factors(d)
+      return u * tree_lib.per_neuron(c, u.ndim, neuron_axis).astype(u.dtype)
+
+    updates = jax.tree_util.tree_map_with_path(scale, densities, updates,
+                                               is_leaf=tree_lib.is_none)
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,128 @@
+"""Pytree helpers shared by the stages: leaf paths, sparse-leaf selection, neuron axes.
+
+Every stage names a leaf by its *path string*: the keys from the root of the
+params tree joined with ``/`` (``'stage1_block0/conv1/kernel'`` for a Flax
+linen dict, ``'layers/0/kernel'`` for lists, attribute names for dataclasses
+and NamedTuples). Masks are pytrees shaped like the params with a boolean array
+at every sparse leaf and ``None`` at every dense one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+SparseFilter = Callable[[str, Any], bool] | str | None
+
+
+def key_name(key: Any) -> str:
+  """The name of one path entry (dict key, attribute, or sequence index)."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def path_str(path: tuple) -> str:
+  return "/".join(key_name(k) for k in path)
+
+
+def leaf_paths(tree: Any) -> list[str]:
+  """Path strings of the leaves of ``tree``, in ``jax.tree`` order."""
+  return [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def is_none(x: Any) -> bool:
+  return x is None
+
+
+def map_with_masks(fn: Callable, masks: Any, *trees: Any) -> Any:
+  """``jax.tree.map(fn, masks, *trees)`` where ``masks`` has ``None`` leaves.
+
+  ``fn(mask, *leaves)`` is called only where the mask is an array; where it is
+  ``None`` the leaf of the first tree is returned unchanged.
+  """
+  return jax.tree.map(
+      lambda m, x, *rest: x if m is None else fn(m, x, *rest),
+      masks, *trees, is_leaf=is_none)
+
+
+def default_sparse_filter(path: str, leaf: Any) -> bool:
+  del path
+  return jnp.ndim(leaf) >= 2
+
+
+def make_sparse_filter(sparse_filter: SparseFilter) -> Callable[[str, Any], bool]:
+  """A predicate ``(path, leaf) -> bool`` from ``None``, a regex, or a callable."""
+  if sparse_filter is None:
+    return default_sparse_filter
+  if isinstance(sparse_filter, str):
+    try:
+      pattern = re.compile(sparse_filter)
+    except re.error as e:
+      raise ValueError(f"sparse_filter {sparse_filter!r} is not a valid regex: {e}") from e
+    return lambda path, leaf: bool(pattern.search(path)) and jnp.ndim(leaf) >= 2
+  if callable(sparse_filter):
+    return sparse_filter
+  raise ValueError(
+      f"sparse_filter must be None, a regex string or a callable (path, leaf) -> bool, "
+      f"got {type(sparse_filter).__name__}")
+
+
+def sparse_shapes(params: Any, sparse_filter: Callable[[str, Any], bool]) -> dict[str, tuple]:
+  """``{path: shape}`` of the leaves that ``sparse_filter`` selects, in tree order."""
+  shapes = {}
+  for p, leaf in jax.tree_util.tree_leaves_with_path(params):
+    path = path_str(p)
+    if sparse_filter(path, leaf):
+      if jnp.ndim(leaf) < 1:
+        raise ValueError(f"sparse_filter selected the scalar leaf {path!r}; "
+                         "only arrays with a neuron axis can be sparse")
+      shapes[path] = tuple(jnp.shape(leaf))
+  return shapes
+
+
+def check_neuron_axis(neuron_axis: int) -> int:
+  if not isinstance(neuron_axis, int) or isinstance(neuron_axis, bool):
+    raise ValueError(f"neuron_axis must be an int, got {neuron_axis!r}")
+  return neuron_axis
+
+
+def reduce_axes(ndim: int, neuron_axis: int) -> tuple[int, ...]:
+  """All axes of a leaf but its neuron axis: the fan-in of each neuron."""
+  axis = neuron_axis % ndim
+  return tuple(a for a in range(ndim) if a != axis)
+
+
+def per_neuron(values: jax.Array, ndim: int, neuron_axis: int) -> jax.Array:
+  """Reshape a vector of per-neuron values so it broadcasts against the leaf."""
+  shape = [1] * ndim
+  shape[neuron_axis % ndim] = values.shape[0]
+  return values.reshape(shape)
+
+
+def neuron_density(mask: jax.Array, neuron_axis: int) -> jax.Array:
+  """d_i: the fraction of neuron i's incoming weights that the mask keeps (float32)."""
+  return jnp.mean(mask, axis=reduce_axes(mask.ndim, neuron_axis), dtype=jnp.float32)
+
+
+def check_masks_like(masks: Any, params: Any, what: str = "masks") -> None:
+  """Raise ValueError naming the first leaf where ``masks`` does not fit ``params``."""
+  mask_def = jax.tree.structure(masks, is_leaf=is_none)
+  param_def = jax.tree.structure(params)
+  if mask_def != param_def:
+    raise ValueError(
+        f"{what} must be a pytree with the structure of the params (None for dense leaves); "
+        f"{what} has {mask_def.num_leaves} leaves {mask_def}, the params have "
+        f"{param_def.num_leaves} leaves {param_def}")
+  for (p, x), m in zip(jax.tree_util.tree_leaves_with_path(params),
+                       jax.tree.leaves(masks, is_leaf=is_none)):
+    if m is None:
+      continue
+    if tuple(jnp.shape(m)) != tuple(jnp.shape(x)):
+      raise ValueError(f"{what} leaf {path_str(p)!r} has shape {tuple(jnp.shape(m))}, "
+                       f"the param has shape {tuple(jnp.shape(x))}")
