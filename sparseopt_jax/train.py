@@ -1,0 +1,380 @@
+"""The training program: ``python -m sparseopt_jax.train`` / ``sparseopt-train``.
+
+    sparseopt-train --preset fashion_mnist_resnet20 --workdir runs/so --skew density
+    sparseopt-train --preset fashion_mnist_resnet20 --workdir runs/so --resume
+    sparseopt-train plot runs/base runs/so --out runs/compare.png
+
+Data parallel: one ``jax.jit`` over a Mesh of every device, the batch sharded on
+the ``'data'`` axis, params and optimizer state replicated, BatchNorm over the
+global batch. The same command runs on one CPU, N GPUs, or (with
+``--distributed``) a multi-host TPU slice, where each process reads its own
+shard of the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import sparseopt_jax as so
+from sparseopt_jax import checkpointing, data, models, plotting, presets
+
+STEM_KERNEL = "conv_init/kernel"
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """The pieces of a run that do not change while it trains."""
+  config: presets.TrainConfig
+  model: Any
+  tx: optax.GradientTransformation
+  num_steps: int
+  steps_per_epoch: int
+  bn_pairs: dict
+
+
+# ---------------------------------------------------------------------------
+# Model and optimizer
+
+
+def build_model(cfg: presets.TrainConfig, info: data.DatasetInfo):
+  kwargs = {"num_classes": info.num_classes, "dtype": jnp.dtype(cfg.dtype)}
+  if cfg.width is not None:
+    kwargs["num_filters"] = cfg.width
+  return models.get_model(cfg.model, **kwargs)
+
+
+def lr_schedule(cfg: presets.TrainConfig, num_steps: int, steps_per_epoch: int):
+  warmup = int(cfg.warmup_epochs * steps_per_epoch)
+  if warmup:
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, num_steps)
+  return optax.cosine_decay_schedule(cfg.learning_rate, num_steps)
+
+
+def build_optimizer(cfg: presets.TrainConfig, num_steps: int, steps_per_epoch: int,
+                    bn_pairs: dict) -> optax.GradientTransformation:
+  """``chain(sparseopt(...), add_decayed_weights, sgd)``; no sparseopt for ``--dense``."""
+  inner = [optax.add_decayed_weights(cfg.weight_decay),
+           optax.sgd(lr_schedule(cfg, num_steps, steps_per_epoch), momentum=cfg.momentum,
+                     nesterov=cfg.nesterov)]
+  if cfg.dense:
+    return optax.chain(*inner)
+  sparse_filter = None
+  if cfg.dense_stem:
+    sparse_filter = lambda path, leaf: jnp.ndim(leaf) >= 2 and path != STEM_KERNEL
+  return optax.chain(
+      so.sparseopt(cfg.sparsity, distribution=cfg.distribution, topology=cfg.topology,
+                   update_every=cfg.update_every, drop_fraction=cfg.drop_fraction,
+                   end_step=int(cfg.end_fraction * num_steps), skew=cfg.skew,
+                   grow_with=cfg.grow_with, sparse_filter=sparse_filter, seed=cfg.seed,
+                   bn_pairs=bn_pairs),
+      *inner)
+
+
+def make_setup(cfg: presets.TrainConfig, dataset: data.Dataset) -> Setup:
+  info = dataset.info
+  model = build_model(cfg, info)
+  steps_per_epoch = dataset.steps_per_epoch(cfg.batch_size // jax.process_count())
+  num_steps = cfg.steps or max(1, round(cfg.epochs * steps_per_epoch))
+  pairs = models.bn_pairs(model, jnp.zeros((1, *info.image_shape)), train=True)
+  tx = build_optimizer(cfg, num_steps, steps_per_epoch, pairs)
+  return Setup(cfg, model, tx, num_steps, steps_per_epoch, pairs)
+
+
+def create_train_state(setup: Setup, image_shape: tuple[int, ...]) -> TrainState:
+  # The 'rbg' key compiles far faster than threefry for a whole ResNet init on CPU.
+  key = jax.random.key(setup.config.seed, impl="rbg")
+  variables = jax.jit(functools.partial(setup.model.init, train=True))(
+      key, jnp.zeros((1, *image_shape), jnp.float32))
+  params = variables["params"]
+  opt_state = setup.tx.init(params)
+  if not setup.config.dense:
+    params = so.apply_masks(params, opt_state)
+  return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                    batch_stats=variables["batch_stats"], opt_state=opt_state)
+
+
+# ---------------------------------------------------------------------------
+# Steps: pure functions of (state, batch)
+
+
+def _loss(model, label_smoothing, params, batch_stats, batch, train):
+  out = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
+                    train=train, mutable=["batch_stats"] if train else False)
+  logits, new_stats = (out[0], out[1]["batch_stats"]) if train else (out, batch_stats)
+  targets = jax.nn.one_hot(batch["label"], logits.shape[-1])
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  losses = optax.softmax_cross_entropy(logits, targets)
+  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+  return losses, correct, new_stats
+
+
+def make_train_step(setup: Setup):
+  """``train_step(state, batch) -> (state, {'loss', 'accuracy'})``."""
+  model, tx, cfg = setup.model, setup.tx, setup.config
+  apply = ((lambda p, u, s: (optax.apply_updates(p, u), s)) if cfg.dense else so.apply_updates)
+
+  def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+    def loss_fn(params):
+      losses, correct, stats = _loss(model, cfg.label_smoothing, params, state.batch_stats,
+                                     batch, train=True)
+      return losses.mean(), (correct.mean(), stats)
+
+    (loss, (acc, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, batch_stats=stats)
+    params, opt_state = apply(state.params, updates, opt_state)
+    return (TrainState(step=state.step + 1, params=params, batch_stats=stats,
+                       opt_state=opt_state), {"loss": loss, "accuracy": acc})
+
+  return train_step
+
+
+def make_eval_step(setup: Setup):
+  """``eval_step(state, batch) -> {'loss', 'correct', 'count'}`` summed over the batch."""
+  def eval_step(state: TrainState, batch) -> dict:
+    losses, correct, _ = _loss(setup.model, 0.0, state.params, state.batch_stats, batch,
+                               train=False)
+    mask = batch["mask"]
+    return {"loss": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
+            "count": jnp.sum(mask)}
+  return eval_step
+
+
+def make_skew_probe(setup: Setup):
+  """Mean skew slope over the sparse leaves of the raw and density-corrected gradient."""
+  correct = so.skew_correct("density")
+
+  def probe(state: TrainState, batch) -> dict:
+    def loss_fn(params):
+      losses, _, _ = _loss(setup.model, 0.0, params, state.batch_stats, batch, train=True)
+      return losses.mean()
+    grads = jax.grad(loss_fn)(state.params)
+    masks = so.get_masks(state.opt_state)
+    fixed, _ = correct.update(grads, correct.init(state.params), masks=masks)
+    mean = lambda slopes: jnp.nanmean(jnp.stack(list(slopes.values())))
+    return {"skew_slope_raw": mean(so.skew_slope(grads, masks)),
+            "skew_slope_corrected": mean(so.skew_slope(fixed, masks))}
+  return probe
+
+
+# ---------------------------------------------------------------------------
+# Devices
+
+
+def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+  devices = jax.devices()[:num_devices] if num_devices else jax.devices()
+  return jax.sharding.Mesh(np.asarray(devices), ("data",))
+
+
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+  n = mesh.devices.size
+  if batch_size % n or batch_size % jax.process_count():
+    raise ValueError(f"batch_size {batch_size} is not divisible by the {n} devices "
+                     f"({jax.process_count()} processes) it is sharded over")
+
+
+def jit_steps(setup: Setup, mesh: jax.sharding.Mesh):
+  """The jitted train, eval and probe steps for ``mesh``: batch on 'data', rest replicated."""
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  train = jax.jit(make_train_step(setup), in_shardings=(replicated, batch_sharding),
+                  out_shardings=(replicated, replicated), donate_argnums=0)
+  evaluate = jax.jit(make_eval_step(setup), in_shardings=(replicated, batch_sharding),
+                     out_shardings=replicated)
+  probe = None if setup.config.dense else jax.jit(
+      make_skew_probe(setup), in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+  return train, evaluate, probe
+
+
+def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+  """This process's host batch -> one global array per key, sharded on 'data'."""
+  sharding = NamedSharding(mesh, P("data"))
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------
+# The loop
+
+
+def evaluate(eval_step, state, dataset, batch_size, mesh) -> dict:
+  totals = None
+  for batch in dataset.eval_batches(batch_size // jax.process_count()):
+    out = eval_step(state, shard_batch(batch, mesh))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  return {"test_loss": float(totals["loss"] / totals["count"]),
+          "test_accuracy": float(totals["correct"] / totals["count"])}
+
+
+def _write_json(path: str, obj: Any) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2)
+
+
+def run(cfg: presets.TrainConfig, workdir: str, *, resume: bool = False,
+        stop_at: int | None = None, num_devices: int | None = None,
+        progress: bool = True) -> dict:
+  """Train (or resume) a run in ``workdir``; returns the last metrics row.
+
+  ``stop_at`` stops after that step as if interrupted (a checkpoint is written),
+  so that a later ``resume=True`` run continues exactly there.
+  """
+  mesh = make_mesh(num_devices)
+  check_batch_size(cfg.batch_size, mesh)
+  dataset = data.load(cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset)
+  setup = make_setup(cfg, dataset)
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every)
+  if ckpt.latest_step() is not None and not resume:
+    raise ValueError(f"{workdir!r} already holds checkpoints (last step {ckpt.latest_step()}); "
+                     "pass --resume to continue it, or choose a new --workdir")
+  is_main = jax.process_index() == 0
+  if is_main:
+    _write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(cfg))
+
+  state = jax.device_put(create_train_state(setup, dataset.info.image_shape),
+                         NamedSharding(mesh, P()))
+  if resume and ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+  start = int(state.step)
+  train_step, eval_step, probe = jit_steps(setup, mesh)
+  local_batch = cfg.batch_size // jax.process_count()
+  batches = dataset.train_batches(local_batch, seed=cfg.seed, start_step=start)
+  last_step = setup.num_steps if stop_at is None else min(stop_at, setup.num_steps)
+
+  from tqdm.auto import tqdm
+  bar = tqdm(total=setup.num_steps, initial=start, disable=not (progress and is_main),
+             unit="step", dynamic_ncols=True)
+  pending, row = [], {}
+  t_start, seen_images, t_mark = time.time(), 0, time.time()
+  for step in range(start + 1, last_step + 1):
+    batch = shard_batch(next(batches), mesh)
+    state, metrics = train_step(state, batch)
+    pending.append(metrics)
+    seen_images += cfg.batch_size
+    if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == last_step:
+      train = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+      throughput = seen_images / (time.time() - t_mark)
+      bar.set_postfix(loss=f"{train['loss']:.3f}", acc=f"{train['accuracy']:.3f}",
+                      img_s=f"{throughput:.0f}")
+      bar.update(step - bar.n)
+    if step % cfg.eval_every == 0 or step == setup.num_steps:
+      row = {"step": step, "epoch": step / setup.steps_per_epoch,
+             "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+             **evaluate(eval_step, state, dataset, cfg.batch_size, mesh),
+             "images_per_s": throughput, "wall_time": time.time() - t_start}
+      if probe is not None:
+        summary = so.sparsity_summary(state.opt_state)
+        row.update(sparsity=summary["sparsity"], density_spread=summary["density_spread"],
+                   exploration=summary["exploration"],
+                   **{k: float(v) for k, v in jax.device_get(probe(state, batch)).items()})
+      if is_main:
+        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+          f.write(json.dumps(row) + "\n")
+        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in row.items()))
+    if step % cfg.log_every == 0:
+      pending, seen_images, t_mark = [], 0, time.time()
+    ckpt.save(step, state, force=step == last_step)
+  bar.close()
+  ckpt.close()
+  return row
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+  for field in dataclasses.fields(presets.TrainConfig):
+    flag = "--" + field.name.replace("_", "-")
+    if field.type in ("bool", bool):
+      parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+    elif field.name == "skew":
+      parser.add_argument(flag, choices=["density", "bn", "none"], default=None)
+    else:
+      kind = field.type if isinstance(field.type, str) else field.type.__name__
+      cast = int if kind.startswith("int") else float if kind.startswith("float") else str
+      parser.add_argument(flag, type=cast, default=None)
+
+
+def config_from_args(args: argparse.Namespace) -> presets.TrainConfig:
+  overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(presets.TrainConfig)
+               if getattr(args, f.name) is not None}
+  if overrides.get("skew") == "none":
+    overrides["skew"] = None
+  return presets.get_preset(args.preset, **overrides)
+
+
+def train_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="sparseopt-train", description="Train a (sparse) ResNet with SparseOpt.",
+      epilog="Subcommand: sparseopt-train plot RUN_DIR [RUN_DIR ...] --out FILE.png")
+  parser.add_argument("--preset", default="fashion_mnist_resnet20",
+                      help=f"one of {sorted(presets.PRESETS)}")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+  parser.add_argument("--stop-at", type=int, default=None,
+                      help="stop after this step as if interrupted (then --resume)")
+  parser.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize() (multi-host)")
+  parser.add_argument("--no-progress", action="store_true")
+  _config_flags(parser)
+  return parser
+
+
+def plot_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="sparseopt-train plot",
+                                   description="Plot runs' metrics against step into one PNG.")
+  parser.add_argument("runs", nargs="+", help="workdirs holding metrics.jsonl")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--metric", default="test_accuracy")
+  parser.add_argument("--labels", nargs="*", default=None)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == ["plot"]:
+    args = plot_parser().parse_args(argv[1:])
+    print(plotting.plot_runs(args.runs, args.out, args.metric, args.labels))
+    return 0
+  args = train_parser().parse_args(argv)
+  try:
+    cfg = config_from_args(args)
+  except ValueError as e:
+    train_parser().error(str(e))
+  if args.distributed:
+    jax.distributed.initialize()
+  row = run(cfg, args.workdir, resume=args.resume, stop_at=args.stop_at,
+            progress=not args.no_progress)
+  print(json.dumps(row))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
