@@ -10,6 +10,7 @@ from sparseopt_jax.composite import SparseOptState, sparseopt
 from sparseopt_jax.diagnostics import leaf_skew_slope, skew_slope, sparsity_summary
 from sparseopt_jax.masking import (MaskState, apply_masks, apply_updates, get_masks, mask,
                                    random_masks)
+from sparseopt_jax.nnx_support import SparseOptimizer, nnx_batch_stats, remask
 from sparseopt_jax.skew import SkewState, skew_correct
 from sparseopt_jax.topology import TopologyState, topology_update
 
@@ -20,4 +21,5 @@ __all__ = [
     "apply_masks", "apply_updates", "get_masks", "layer_sparsities", "leaf_skew_slope", "mask",
     "random_masks", "skew_correct", "skew_slope", "sparseopt", "sparsity_summary",
     "topology_update",
+    "SparseOptimizer", "nnx_batch_stats", "remask",
 ]

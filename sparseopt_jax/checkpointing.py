@@ -11,13 +11,18 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  """Saves every ``every`` steps (and when forced), keeps the last ``keep``."""
+  """Saves every ``every`` steps (and when forced), keeps the last ``keep``.
 
-  def __init__(self, directory: str, every: int, keep: int = 2):
+  Saves are asynchronous unless ``asynchronous=False``: the arrays are copied to
+  host before ``save`` returns and written while training goes on.
+  """
+
+  def __init__(self, directory: str, every: int, keep: int = 2, asynchronous: bool = True):
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                             create=True))
+                                             create=True,
+                                             enable_async_checkpointing=asynchronous))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -237,8 +237,8 @@ def _write_json(path: str, obj: Any) -> None:
 
 def run(cfg: presets.TrainConfig, workdir: str, *, resume: bool = False,
         stop_at: int | None = None, num_devices: int | None = None,
-        progress: bool = True) -> dict:
-  """Train (or resume) a run in ``workdir``; returns the last metrics row.
+        progress: bool = True, async_checkpoints: bool = True) -> tuple[TrainState, dict]:
+  """Train (or resume) a run in ``workdir``; returns the final state and last metrics row.
 
   ``stop_at`` stops after that step as if interrupted (a checkpoint is written),
   so that a later ``resume=True`` run continues exactly there.
@@ -248,7 +248,8 @@ def run(cfg: presets.TrainConfig, workdir: str, *, resume: bool = False,
   dataset = data.load(cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset)
   setup = make_setup(cfg, dataset)
   os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
+                                    asynchronous=async_checkpoints)
   if ckpt.latest_step() is not None and not resume:
     raise ValueError(f"{workdir!r} already holds checkpoints (last step {ckpt.latest_step()}); "
                      "pass --resume to continue it, or choose a new --workdir")
@@ -302,7 +303,7 @@ def run(cfg: presets.TrainConfig, workdir: str, *, resume: bool = False,
     ckpt.save(step, state, force=step == last_step)
   bar.close()
   ckpt.close()
-  return row
+  return state, row
 
 
 # ---------------------------------------------------------------------------
@@ -370,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     train_parser().error(str(e))
   if args.distributed:
     jax.distributed.initialize()
-  row = run(cfg, args.workdir, resume=args.resume, stop_at=args.stop_at,
-            progress=not args.no_progress)
+  _, row = run(cfg, args.workdir, resume=args.resume, stop_at=args.stop_at,
+               progress=not args.no_progress)
   print(json.dumps(row))
   return 0
 

@@ -3,13 +3,27 @@
 import os
 
 # Several simulated CPU devices for the data-parallel tests; must be set before JAX starts.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The simulated devices share two cores, so a collective may wait on a starved peer for
+# longer than XLA's default 40 s before aborting the process: give it ten minutes.
+os.environ.setdefault("XLA_FLAGS", " ".join([
+    "--xla_force_host_platform_device_count=8",
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
+    "--xla_cpu_collective_call_terminate_timeout_seconds=600",
+    "--xla_cpu_collective_timeout_seconds=600"]))
+
+import tempfile
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
+
+# Many tests compile the same programs (a run and its resumed half, one arm per seed):
+# a session-wide persistent cache compiles each once.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="sparseopt-jax-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 class SmallConvNet(nn.Module):
