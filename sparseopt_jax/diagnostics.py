@@ -54,6 +54,15 @@ def sparsity_summary(state: Any, neuron_axis: int = -1) -> dict[str, Any]:
           "density_spread": float(np.mean(spreads)) if spreads else 0.0, "leaves": leaves}
 
 
+def neuron_grad_stats(grad: jax.Array, mask: jax.Array,
+                      neuron_axis: int = -1) -> tuple[jax.Array, jax.Array]:
+  """Per neuron: kept incoming weights, and mean square gradient over them (float32)."""
+  axes = tree_lib.reduce_axes(grad.ndim, neuron_axis)
+  kept = jnp.sum(mask, axis=axes, dtype=jnp.float32)
+  ms = jnp.sum(jnp.square(grad.astype(jnp.float32)) * mask, axis=axes) / jnp.maximum(kept, 1.0)
+  return kept, ms
+
+
 def leaf_skew_slope(grad: jax.Array, mask: jax.Array, neuron_axis: int = -1) -> jax.Array:
   """Least-squares slope of log rms(g over neuron i's surviving weights) on log d_i.
 
@@ -61,10 +70,7 @@ def leaf_skew_slope(grad: jax.Array, mask: jax.Array, neuron_axis: int = -1) -> 
   (SparseOpt sec. 3). Neurons with d_i = 0 or zero gradient are left out; NaN
   when fewer than two distinct densities remain. Jittable.
   """
-  axes = tree_lib.reduce_axes(grad.ndim, neuron_axis)
-  g2 = jnp.square(grad.astype(jnp.float32)) * mask
-  kept = jnp.sum(mask, axis=axes, dtype=jnp.float32)
-  ms = jnp.sum(g2, axis=axes) / jnp.maximum(kept, 1.0)
+  kept, ms = neuron_grad_stats(grad, mask, neuron_axis)
   ok = (kept > 0) & (ms > 0)
   x = jnp.where(ok, jnp.log(jnp.maximum(kept, 1.0) / (mask.size / kept.size)), 0.0)
   y = jnp.where(ok, 0.5 * jnp.log(jnp.where(ok, ms, 1.0)), 0.0)

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -94,10 +93,9 @@ def build_optimizer(cfg: presets.TrainConfig, num_steps: int, steps_per_epoch: i
       *inner)
 
 
-def make_setup(cfg: presets.TrainConfig, dataset: data.Dataset) -> Setup:
-  info = dataset.info
+def make_setup(cfg: presets.TrainConfig, info: data.DatasetInfo, steps_per_epoch: int) -> Setup:
+  """Model, optimizer and schedule of a run on data described by ``info``."""
   model = build_model(cfg, info)
-  steps_per_epoch = dataset.steps_per_epoch(cfg.batch_size // jax.process_count())
   num_steps = cfg.steps or max(1, round(cfg.epochs * steps_per_epoch))
   pairs = models.bn_pairs(model, jnp.zeros((1, *info.image_shape)), train=True)
   tx = build_optimizer(cfg, num_steps, steps_per_epoch, pairs)
@@ -110,7 +108,7 @@ def create_train_state(setup: Setup, image_shape: tuple[int, ...]) -> TrainState
   variables = jax.jit(functools.partial(setup.model.init, train=True))(
       key, jnp.zeros((1, *image_shape), jnp.float32))
   params = variables["params"]
-  opt_state = setup.tx.init(params)
+  opt_state = jax.jit(setup.tx.init)(params)  # one compile for every leaf's random mask
   if not setup.config.dense:
     params = so.apply_masks(params, opt_state)
   return TrainState(step=jnp.zeros([], jnp.int32), params=params,
@@ -164,15 +162,23 @@ def make_eval_step(setup: Setup):
   return eval_step
 
 
-def make_skew_probe(setup: Setup):
-  """Mean skew slope over the sparse leaves of the raw and density-corrected gradient."""
-  correct = so.skew_correct("density")
-
-  def probe(state: TrainState, batch) -> dict:
+def make_grad_fn(setup: Setup):
+  """``grad_fn(state, batch) -> grads``: the raw gradient a train step sees (no smoothing)."""
+  def grad_fn(state: TrainState, batch):
     def loss_fn(params):
       losses, _, _ = _loss(setup.model, 0.0, params, state.batch_stats, batch, train=True)
       return losses.mean()
-    grads = jax.grad(loss_fn)(state.params)
+    return jax.grad(loss_fn)(state.params)
+  return grad_fn
+
+
+def make_skew_probe(setup: Setup):
+  """Mean skew slope over the sparse leaves of the raw and density-corrected gradient."""
+  correct = so.skew_correct("density")
+  grad_fn = make_grad_fn(setup)
+
+  def probe(state: TrainState, batch) -> dict:
+    grads = grad_fn(state, batch)
     masks = so.get_masks(state.opt_state)
     fixed, _ = correct.update(grads, correct.init(state.params), masks=masks)
     mean = lambda slopes: jnp.nanmean(jnp.stack(list(slopes.values())))
@@ -246,7 +252,8 @@ def run(cfg: presets.TrainConfig, workdir: str, *, resume: bool = False,
   mesh = make_mesh(num_devices)
   check_batch_size(cfg.batch_size, mesh)
   dataset = data.load(cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset)
-  setup = make_setup(cfg, dataset)
+  local_batch = cfg.batch_size // jax.process_count()
+  setup = make_setup(cfg, dataset.info, dataset.steps_per_epoch(local_batch))
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
                                     asynchronous=async_checkpoints)
@@ -263,7 +270,6 @@ def run(cfg: presets.TrainConfig, workdir: str, *, resume: bool = False,
     state = ckpt.restore(state)
   start = int(state.step)
   train_step, eval_step, probe = jit_steps(setup, mesh)
-  local_batch = cfg.batch_size // jax.process_count()
   batches = dataset.train_batches(local_batch, seed=cfg.seed, start_step=start)
   last_step = setup.num_steps if stop_at is None else min(stop_at, setup.num_steps)
 

@@ -10,7 +10,7 @@ at every sparse leaf and ``None`` at every dense one.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax

@@ -1,0 +1,592 @@
+"""Cost of a SparseOpt train step against plain SGD on the dense model.
+
+    python benchmarks/step_cost.py                                  # ResNet-20 and ResNet-50
+    python benchmarks/step_cost.py --models resnet20 --rounds 20
+    python benchmarks/step_cost.py --smoke --out /tmp/step_cost     # tiny, < 1 minute
+    python benchmarks/step_cost.py --models resnet50 --merge        # add a model to the JSON
+
+What is timed is the training program's own jitted step
+(``sparseopt_jax.train.jit_steps`` over a one-device mesh, state donated,
+BatchNorm, weight decay, momentum SGD), on random images and labels of the
+model's input shape, for these arms:
+
+* ``dense_sgd``   -- ``--dense``: ``chain(add_decayed_weights, sgd)`` on the dense model;
+* ``static``      -- ``chain(sparseopt(topology="static", skew="density"), ...)``;
+* ``rigl``        -- ``chain(sparseopt(topology="rigl", skew="density"), ...)`` on an
+  ordinary step (``update_every`` huge, so the ``lax.cond`` never fires);
+* ``rigl_update`` -- the same on a mask-update step (``update_every=1``, ``end_step``
+  far away, so every step after the first updates the masks).
+
+After compiling and warming up every arm, the arms run round-robin, one step of
+each per round (the order rotates every round), each step blocked on with
+``jax.block_until_ready``; medians are reported. Interleaving makes the ratios
+robust to drift in machine load (other processes on a shared CPU), not to
+noise within a round. The amortised cost of RigL at Delta-T is
+``((Delta-T - 1) * rigl + rigl_update) / Delta-T``.
+
+Bars (from the issue): sparse ordinary step <= 1.03x dense SGD, amortised with
+topology updates at Delta-T = 100 <= 1.05x, masks <= 1 byte per sparse weight
+(the exploration record adds 1 bit, 1/8 byte).
+
+Writes ``<out>/step_cost.json`` (machine, date, per-step times, ratios, bytes
+per weight) and ``<out>/step_cost.png``, and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import sparseopt_jax as so
+from sparseopt_jax import data, presets, train
+from sparseopt_jax.topology import TopologyState
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DELTA_T = 100
+BAR_ORDINARY = 1.03
+BAR_AMORTISED = 1.05
+BAR_MASK_BYTES = 1.0
+NUM_STEPS = 10_000_000        # a long run: the LR schedule and end_step never bite
+NEVER = 1_000_000_000         # update_every for "ordinary" steps: the cond never fires
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  preset: str
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  batch_size: int
+  width: int | None = None
+
+
+# The issue's two settings, on the paper's presets (float32 on CPU: bfloat16
+# convolutions are emulated there and would time the emulation, not SparseOpt).
+MODELS = {
+    "resnet20": ModelSpec("cifar100_resnet20", (32, 32, 3), 100, 128),
+    "resnet50": ModelSpec("imagenet_resnet50", (224, 224, 3), 1000, 32),
+}
+SMOKE = {
+    "resnet20": ModelSpec("cifar100_resnet20", (16, 16, 3), 10, 8, width=4),
+    "resnet50": ModelSpec("imagenet_resnet50", (32, 32, 3), 10, 2, width=4),
+}
+
+# arm -> TrainConfig overrides
+ARMS: dict[str, dict[str, Any]] = {
+    "dense_sgd": {"dense": True},
+    "static": {"topology": "static", "skew": "density", "update_every": NEVER},
+    "rigl": {"topology": "rigl", "skew": "density", "update_every": NEVER},
+    "rigl_update": {"topology": "rigl", "skew": "density", "update_every": 1},
+}
+# Extra arms for looking into where the time goes (``--arms``).
+EXTRA_ARMS: dict[str, dict[str, Any]] = {
+    "static_noskew": {"topology": "static", "skew": None, "update_every": NEVER},
+    "rigl_noskew": {"topology": "rigl", "skew": None, "update_every": NEVER},
+    "rigl_update_noskew": {"topology": "rigl", "skew": None, "update_every": 1},
+    "set_update": {"topology": "set", "skew": "density", "update_every": 1},
+}
+ALL_ARMS = {**ARMS, **EXTRA_ARMS}
+
+
+# ---------------------------------------------------------------------------
+# Building one arm from the training program's pieces
+
+
+def make_config(spec: ModelSpec, overrides: dict[str, Any], dtype: str) -> presets.TrainConfig:
+  return presets.get_preset(spec.preset, batch_size=spec.batch_size, width=spec.width,
+                            steps=NUM_STEPS, dtype=dtype, **overrides)
+
+
+def _topology_state(opt_state: Any) -> TopologyState | None:
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, TopologyState))
+           if isinstance(s, TopologyState)]
+  return found[0] if found else None
+
+
+def tree_bytes(tree: Any) -> int:
+  return int(sum(x.nbytes if hasattr(x, "nbytes") else np.asarray(x).nbytes
+                 for x in jax.tree.leaves(tree)))
+
+
+def state_bytes(state: train.TrainState) -> dict[str, Any]:
+  """Optimizer-state bytes per weight, and masks / exploration bits per sparse weight."""
+  n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
+  out = {"params": n_params, "opt_state_bytes": tree_bytes(state.opt_state)}
+  out["opt_state_bytes_per_weight"] = out["opt_state_bytes"] / n_params
+  topo = _topology_state(state.opt_state)
+  if topo is not None:
+    masks = jax.tree.leaves(topo.masks)
+    n_sparse = int(sum(m.size for m in masks))
+    mask_bytes = tree_bytes(topo.masks)
+    ever_bytes = tree_bytes(topo.ever_active)
+    out.update(
+        sparse_weights=n_sparse, sparse_leaves=len(masks), mask_dtype=str(masks[0].dtype),
+        mask_bytes=mask_bytes, exploration_bytes=ever_bytes,
+        mask_bytes_per_sparse_weight=mask_bytes / n_sparse,
+        exploration_bytes_per_sparse_weight=ever_bytes / n_sparse,
+        mask_and_exploration_bytes_per_sparse_weight=(mask_bytes + ever_bytes) / n_sparse,
+        realised_sparsity=1.0 - float(sum(int(jnp.sum(m)) for m in masks)) / n_sparse)
+  return out
+
+
+class Arm:
+  """One compiled train step and its (donated) state."""
+
+  def __init__(self, name: str, spec: ModelSpec, overrides: dict, dtype: str,
+               mesh: jax.sharding.Mesh):
+    self.name = name
+    info = data.DatasetInfo("synthetic", spec.image_shape, spec.num_classes,
+                            num_train=50_000, num_test=10_000)
+    self.setup = train.make_setup(make_config(spec, overrides, dtype), info,
+                                  max(1, info.num_train // spec.batch_size))
+    state = train.create_train_state(self.setup, spec.image_shape)
+    self.bytes = state_bytes(state)
+    self.state = jax.device_put(state, NamedSharding(mesh, P()))
+    self.step, _, _ = train.jit_steps(self.setup, mesh)
+    self.times: list[float] = []        # wall seconds per timed step
+    self.cpu_times: list[float] = []    # CPU seconds of this process per timed step
+    self.opt_times: list[float] = []
+    self.opt_cpu_times: list[float] = []
+    self.opt_args = None
+
+  def run(self, batch) -> tuple[float, float]:
+    """One train step, blocked on: (wall seconds, CPU seconds of this process)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    self.state, metrics = self.step(self.state, batch)
+    jax.block_until_ready((self.state, metrics))
+    return time.perf_counter() - t0, time.process_time() - c0
+
+  def start_optimizer_only(self, seed: int = 0) -> None:
+    """Compile the optimizer part of the step alone: ``tx.update`` + apply, on fixed grads.
+
+    A decomposition for finding where the time goes: the same ``tx`` and the same
+    apply function as ``train.make_train_step``, without the model's forward and
+    backward pass, on random dense gradients shaped like the params.
+    """
+    cfg, tx = self.setup.config, self.setup.tx
+    apply = ((lambda p, u, s: (optax.apply_updates(p, u), s)) if cfg.dense
+             else so.apply_updates)
+
+    def opt_step(params, opt_state, grads, batch_stats):
+      updates, opt_state = tx.update(grads, opt_state, params, batch_stats=batch_stats)
+      return apply(params, updates, opt_state)
+
+    leaves, treedef = jax.tree.flatten(self.state.params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    grads = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) * 1e-2
+                                         for k, x in zip(keys, leaves)])
+    copy = lambda t: jax.tree.map(jnp.copy, t)
+    self.opt_step = jax.jit(opt_step, donate_argnums=(0, 1))
+    self.opt_args = [copy(self.state.params), copy(self.state.opt_state), grads,
+                     self.state.batch_stats]
+    self.run_optimizer_only()  # compile
+
+  def run_optimizer_only(self) -> tuple[float, float]:
+    params, opt_state, grads, stats = self.opt_args
+    t0, c0 = time.perf_counter(), time.process_time()
+    params, opt_state = self.opt_step(params, opt_state, grads, stats)
+    jax.block_until_ready((params, opt_state))
+    dt = time.perf_counter() - t0, time.process_time() - c0
+    self.opt_args = [params, opt_state, grads, stats]
+    return dt
+
+  def stop_optimizer_only(self) -> None:
+    self.opt_args = self.opt_step = None
+
+  def updates_done(self) -> int:
+    """Mask updates so far (to check that the update arm really updates, the others not)."""
+    cfg = self.setup.config
+    if cfg.dense or cfg.topology == "static":
+      return 0
+    count = int(_topology_state(self.state.opt_state).count)
+    end_step = int(cfg.end_fraction * self.setup.num_steps)
+    # The step that saw count c updated iff 0 < c < end_step and c % update_every == 0.
+    return max(0, min(count - 1, end_step - 1)) // cfg.update_every
+
+
+# ---------------------------------------------------------------------------
+# Measuring
+
+
+def _median(xs):
+  return float(statistics.median(xs))
+
+
+def _interleave(arms: dict, run, rounds: int, warmup: int, record: str, label: str, log):
+  """Warm-up, then ``rounds`` rounds of one ``run(arm)`` per arm, the order rotating.
+
+  ``run`` returns (wall, cpu) seconds, appended to ``arm.<record>`` and
+  ``arm.<cpu record>``.
+  """
+  cpu_record = record.replace("times", "cpu_times")
+  order = list(arms)
+  for _ in range(warmup):
+    for arm in order:
+      run(arms[arm])
+  for r in range(rounds):
+    k = r % len(order)
+    for arm in order[k:] + order[:k]:
+      wall, cpu = run(arms[arm])
+      getattr(arms[arm], record).append(wall)
+      getattr(arms[arm], cpu_record).append(cpu)
+    log(f"  [{label}] round {r + 1}/{rounds}: " + ", ".join(
+        f"{a}={getattr(arms[a], record)[-1] * 1e3:.1f}ms" for a in order))
+
+
+def bench_model(name: str, spec: ModelSpec, arm_names: list[str], rounds: int, warmup: int,
+                dtype: str, opt_rounds: int = 0, seed: int = 0, log=print) -> dict:
+  mesh = train.make_mesh(1)
+  rng = np.random.default_rng(seed)
+  host = {"image": rng.standard_normal((spec.batch_size, *spec.image_shape), np.float32),
+          "label": rng.integers(0, spec.num_classes, spec.batch_size).astype(np.int32)}
+  batch = train.shard_batch(host, mesh)
+
+  arms, build_s, compile_s = {}, {}, {}
+  for arm in arm_names:
+    t0 = time.perf_counter()
+    arms[arm] = Arm(arm, spec, ALL_ARMS[arm], dtype, mesh)
+    build_s[arm] = time.perf_counter() - t0
+    compile_s[arm] = arms[arm].run(batch)[0]  # compile + first step
+    log(f"  [{name}] {arm}: state built in {build_s[arm]:.1f}s, step compiled and run once in "
+        f"{compile_s[arm]:.1f}s")
+  _interleave(arms, lambda a: a.run(batch), rounds, warmup, "times", name, log)
+  if opt_rounds:
+    for a in arms.values():
+      a.start_optimizer_only(seed)
+    _interleave(arms, lambda a: a.run_optimizer_only(), opt_rounds, warmup, "opt_times",
+                f"{name} optimizer only", log)
+    for a in arms.values():
+      a.stop_optimizer_only()
+
+  out: dict[str, Any] = {"spec": dataclasses.asdict(spec), "dtype": dtype, "rounds": rounds,
+                         "warmup": warmup, "arms": {}}
+  dense = arms.get("dense_sgd")
+  for arm, a in arms.items():
+    row = {"median_s": _median(a.times), "min_s": float(min(a.times)),
+           "times_s": a.times, "build_state_s": build_s[arm],
+           "compile_and_first_step_s": compile_s[arm],
+           "mask_updates_done": a.updates_done(), **a.bytes}
+    if dense is not None:
+      row["ratio_to_dense"] = row["median_s"] / _median(dense.times)
+      row["ratio_to_dense_per_round_median"] = _median(
+          [t / d for t, d in zip(a.times, dense.times)])
+    row["cpu_median_s"] = _median(a.cpu_times)
+    row["cpu_times_s"] = a.cpu_times
+    if dense is not None:
+      # CPU seconds of this process: less sensitive than wall time to other processes
+      # taking the cores (though not to their cache and memory-bandwidth use).
+      row["cpu_ratio_to_dense_per_round_median"] = _median(
+          [t / d for t, d in zip(a.cpu_times, dense.cpu_times)])
+    if a.opt_times:
+      row["optimizer_only_median_s"] = _median(a.opt_times)
+      row["optimizer_only_cpu_median_s"] = _median(a.opt_cpu_times)
+      row["optimizer_only_times_s"] = a.opt_times
+      if dense is not None:
+        # What the optimizer part adds over dense SGD's, as a fraction of a dense step.
+        row["optimizer_only_extra_s"] = _median(
+            [t - d for t, d in zip(a.opt_times, dense.opt_times)])
+        row["optimizer_only_ratio_estimate"] = 1 + row["optimizer_only_extra_s"] / _median(
+            dense.times)
+    out["arms"][arm] = row
+
+  summary: dict[str, Any] = {}
+  if dense is not None:
+    d = _median(dense.times)
+    for arm in ("static", "rigl"):
+      if arm in arms:
+        row = out["arms"][arm]
+        summary[f"{arm}_ordinary_ratio"] = row["ratio_to_dense"]
+        summary[f"{arm}_ordinary_ratio_paired"] = row["ratio_to_dense_per_round_median"]
+        summary[f"{arm}_ordinary_cpu_ratio_paired"] = row["cpu_ratio_to_dense_per_round_median"]
+        if "optimizer_only_ratio_estimate" in row:
+          summary[f"{arm}_ordinary_ratio_optimizer_only_estimate"] = row[
+              "optimizer_only_ratio_estimate"]
+    if "static" in arms:  # static never updates its masks
+      summary["static_amortised_ratio"] = summary["static_ordinary_ratio"]
+      summary["static_amortised_ratio_paired"] = summary["static_ordinary_ratio_paired"]
+      summary["static_amortised_cpu_ratio_paired"] = summary["static_ordinary_cpu_ratio_paired"]
+      if "static_ordinary_ratio_optimizer_only_estimate" in summary:
+        summary["static_amortised_ratio_optimizer_only_estimate"] = summary[
+            "static_ordinary_ratio_optimizer_only_estimate"]
+    if "rigl" in arms and "rigl_update" in arms:
+      ordinary, update = _median(arms["rigl"].times), _median(arms["rigl_update"].times)
+      amortised = ((DELTA_T - 1) * ordinary + update) / DELTA_T
+      summary.update(
+          rigl_update_ratio=update / d,
+          rigl_update_ratio_paired=out["arms"]["rigl_update"]["ratio_to_dense_per_round_median"],
+          rigl_update_extra_s=update - ordinary,
+          rigl_amortised_s=amortised, rigl_amortised_ratio=amortised / d,
+          rigl_amortised_ratio_paired=_median([
+              ((DELTA_T - 1) * o + u) / DELTA_T / x
+              for o, u, x in zip(arms["rigl"].times, arms["rigl_update"].times, dense.times)]),
+          rigl_amortised_cpu_ratio_paired=_median([
+              ((DELTA_T - 1) * o + u) / DELTA_T / x for o, u, x in zip(
+                  arms["rigl"].cpu_times, arms["rigl_update"].cpu_times, dense.cpu_times)]))
+      if arms["rigl"].opt_times:
+        o = out["arms"]["rigl"]["optimizer_only_extra_s"]
+        u = out["arms"]["rigl_update"]["optimizer_only_extra_s"]
+        summary["rigl_amortised_ratio_optimizer_only_estimate"] = 1 + (
+            ((DELTA_T - 1) * o + u) / DELTA_T) / d
+    # Pass/fail on the paired ratios (median over rounds of arm / dense in the same round):
+    # robust to load drift on a shared machine. Ratios of medians are reported alongside.
+    ordinary = [v for k, v in summary.items() if k.endswith("_ordinary_ratio_paired")]
+    amortised_r = [v for k, v in summary.items() if k.endswith("_amortised_ratio_paired")]
+    mask_bytes = [r["mask_bytes_per_sparse_weight"] for r in out["arms"].values()
+                  if "mask_bytes_per_sparse_weight" in r]
+    summary["pass_ordinary"] = bool(ordinary) and max(ordinary) <= BAR_ORDINARY
+    summary["pass_amortised"] = bool(amortised_r) and max(amortised_r) <= BAR_AMORTISED
+    summary["pass_mask_bytes"] = bool(mask_bytes) and max(mask_bytes) <= BAR_MASK_BYTES
+  out["summary"] = summary
+  return out
+
+
+def machine_info() -> dict:
+  try:
+    affinity = len(os.sched_getaffinity(0))
+  except AttributeError:  # pragma: no cover - not Linux
+    affinity = None
+  info = {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+      "python": platform.python_version(), "cpu_count": os.cpu_count(),
+      "cpus_usable": affinity, "jax": jax.__version__, "backend": jax.default_backend(),
+      "devices": [str(d) for d in jax.devices()], "device_kind": jax.devices()[0].device_kind,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+  try:
+    info["loadavg_1_5_15"] = list(os.getloadavg())
+  except OSError:  # pragma: no cover
+    pass
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+    if names:
+      info["cpu_model"] = names[0]
+  except OSError:  # pragma: no cover
+    pass
+  return info
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+
+
+def markdown(results: dict) -> str:
+  f3 = lambda v: "-" if v is None else f"{v:.3f}"
+  ms = lambda v: "-" if v is None else f"{v * 1e3:.1f}"
+  lines = ["| model | arm | step | median ms | min ms | x dense SGD (ratio of medians) "
+           "| x dense SGD (paired) | x dense SGD (CPU time, paired) | optimizer-only ms "
+           "| optimizer-only extra ms | x dense SGD (optimizer-only est.) |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for model, res in results["models"].items():
+    for arm, row in res["arms"].items():
+      kind = "mask update" if "update" in arm else "ordinary"
+      lines.append(
+          f"| {model} | {arm} | {kind} | {ms(row['median_s'])} | {ms(row['min_s'])} | "
+          f"{f3(row.get('ratio_to_dense'))} | {f3(row.get('ratio_to_dense_per_round_median'))} | "
+          f"{f3(row.get('cpu_ratio_to_dense_per_round_median'))} | "
+          f"{ms(row.get('optimizer_only_median_s'))} | {ms(row.get('optimizer_only_extra_s'))} | "
+          f"{f3(row.get('optimizer_only_ratio_estimate'))} |")
+    s = res["summary"]
+    if "rigl_amortised_s" in s:
+      lines.append(
+          f"| {model} | rigl | amortised, Delta-T={DELTA_T} | {ms(s['rigl_amortised_s'])} | - | "
+          f"{f3(s['rigl_amortised_ratio'])} | {f3(s['rigl_amortised_ratio_paired'])} | "
+          f"{f3(s['rigl_amortised_cpu_ratio_paired'])} | - | - | "
+          f"{f3(s.get('rigl_amortised_ratio_optimizer_only_estimate'))} |")
+  lines += ["", "| model | arm | params | opt-state bytes / weight | mask bytes / sparse weight "
+            "| exploration bytes / sparse weight | sparse weights | realised sparsity |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+  for model, res in results["models"].items():
+    for arm, row in res["arms"].items():
+      m = row.get("mask_bytes_per_sparse_weight")
+      e = row.get("exploration_bytes_per_sparse_weight")
+      sp = row.get("realised_sparsity")
+      lines.append(
+          f"| {model} | {arm} | {row['params']:,} | {row['opt_state_bytes_per_weight']:.3f} | "
+          f"{'-' if m is None else f'{m:.3f}'} | {'-' if e is None else f'{e:.3f}'} | "
+          f"{row.get('sparse_weights', '-')} | "
+          f"{'-' if sp is None else f'{sp:.4f}'} |")
+  lines += ["", "Paired ratio: median over rounds of (arm step / dense step in the same round). "
+            "Optimizer-only: tx.update + apply alone on fixed grads; its extra time over dense "
+            "SGD's, divided by the dense full step, gives the estimate.",
+            "", f"Bars (on the paired ratios): ordinary <= {BAR_ORDINARY}x, amortised (Delta-T={DELTA_T}) <= "
+            f"{BAR_AMORTISED}x, masks <= {BAR_MASK_BYTES} byte per sparse weight."]
+  for model, res in results["models"].items():
+    m = res.get("machine") or results["machine"]
+    load = m.get("loadavg_1_5_15")
+    lines.append(f"- {model}: measured {m['date']} on {m.get('cpu_model', m['processor'])} "
+                 f"({m['cpus_usable']} CPUs, {m['backend']}), load average "
+                 f"{'-' if load is None else '/'.join(f'{x:.1f}' for x in load)}, "
+                 f"{res['rounds']} rounds; `{res.get('command') or results['command']}`")
+  for model, res in results["models"].items():
+    s = res["summary"]
+    if s:
+      def worst(suffix, kind):
+        vals = [v for k, v in s.items() if k.endswith(f"_{kind}_{suffix}")]
+        return "-" if not vals else f"{max(vals):.3f}"
+      context = lambda kind: (f"wall paired {worst('ratio_paired', kind)}, CPU-time paired "
+                              f"{worst('cpu_ratio_paired', kind)}, optimizer-only est. "
+                              f"{worst('ratio_optimizer_only_estimate', kind)}")
+      lines.append(f"- {model}: ordinary {'PASS' if s.get('pass_ordinary') else 'FAIL'} "
+                   f"({context('ordinary')}); "
+                   f"amortised {'PASS' if s.get('pass_amortised') else 'FAIL'} "
+                   f"({context('amortised')}); "
+                   f"mask bytes {'PASS' if s.get('pass_mask_bytes') else 'FAIL'}")
+  return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names = list(results["models"])
+  fig, axes = plt.subplots(2, len(names), figsize=(5.5 * len(names), 7.5), squeeze=False)
+  for j, model in enumerate(names):
+    res = results["models"][model]
+    arms = list(res["arms"])
+    ms = [res["arms"][a]["median_s"] * 1e3 for a in arms]
+    ax = axes[0, j]
+    ax.bar(range(len(arms)), ms, color="tab:blue")
+    ax.set_xticks(range(len(arms)), arms, rotation=20)
+    ax.set_ylabel("median step time (ms)")
+    ax.set_title(f"{model} (batch {res['spec']['batch_size']}, "
+                 f"{'x'.join(map(str, res['spec']['image_shape']))})")
+    for i, v in enumerate(ms):
+      ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    s = res["summary"]
+    labels, ratios = [], []
+    for key, label in (("static_ordinary_ratio_paired", "static\nordinary"),
+                       ("rigl_ordinary_ratio_paired", "rigl\nordinary"),
+                       ("rigl_amortised_ratio_paired", f"rigl amortised\nDelta-T={DELTA_T}"),
+                       ("rigl_update_ratio_paired", "rigl\nmask update")):
+      if key in s:
+        labels.append(label)
+        ratios.append(s[key])
+    ax = axes[1, j]
+    colors = ["tab:green" if r <= (BAR_AMORTISED if "amortised" in l else BAR_ORDINARY)
+              else "tab:red" for l, r in zip(labels, ratios)]
+    colors = [c if "update" not in l else "tab:gray" for c, l in zip(colors, labels)]
+    ax.bar(range(len(ratios)), ratios, color=colors)
+    ax.set_xticks(range(len(ratios)), labels, fontsize=8)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(BAR_ORDINARY, color="tab:orange", ls="--", lw=1, label=f"{BAR_ORDINARY}x")
+    ax.axhline(BAR_AMORTISED, color="tab:red", ls=":", lw=1, label=f"{BAR_AMORTISED}x")
+    ax.set_ylabel("step time / dense SGD step (paired median)")
+    if ratios:
+      ax.set_ylim(min(ratios + [0.95]) - 0.05, max(ratios + [BAR_AMORTISED]) + 0.05)
+    ax.legend(fontsize=8, loc="lower right")
+    for i, v in enumerate(ratios):
+      ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+  m = results["machine"]
+  fig.suptitle(f"SparseOpt train-step cost vs plain SGD (medians, interleaved)\n"
+               f"{m.get('cpu_model', m['processor'])}, {m['cpus_usable']} CPUs, "
+               f"jax {m['jax']} {m['backend']}, {m['date'][:10]}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None,
+                 help="default: resnet20 resnet50 (resnet20 with --smoke)")
+  p.add_argument("--rounds", type=int, default=None,
+                 help="timed rounds (one step of every arm each); default 15, 3 with --smoke")
+  p.add_argument("--rounds-resnet50", type=int, default=None,
+                 help="rounds for resnet50 only (its steps take seconds on a CPU); default 5")
+  p.add_argument("--warmup", type=int, default=None, help="untimed rounds after compiling")
+  p.add_argument("--opt-rounds", type=int, default=None,
+                 help="rounds of the optimizer-only decomposition (0: skip); default 30, "
+                      "0 with --smoke (it compiles every arm a second time)")
+  p.add_argument("--arms", nargs="+", choices=sorted(ALL_ARMS), default=list(ARMS))
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  p.add_argument("--smoke", action="store_true", help="tiny widths and batches, 3 rounds")
+  p.add_argument("--out", default=DEFAULT_OUT, help="directory of step_cost.json / .png")
+  p.add_argument("--tag", default="", help="suffix of the output files: step_cost<tag>.json")
+  p.add_argument("--merge", action="store_true",
+                 help="keep the other models already in the output JSON (run models separately)")
+  return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  specs = SMOKE if args.smoke else MODELS
+  model_names = args.models or (["resnet20"] if args.smoke else ["resnet20", "resnet50"])
+  rounds = args.rounds or (3 if args.smoke else 15)
+  warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
+  opt_rounds = args.opt_rounds if args.opt_rounds is not None else (0 if args.smoke else 30)
+  arm_names = list(dict.fromkeys(args.arms))
+  if "dense_sgd" not in arm_names:
+    arm_names.insert(0, "dense_sgd")
+
+  results = {"machine": machine_info(), "smoke": args.smoke, "delta_t": DELTA_T,
+             "bars": {"ordinary": BAR_ORDINARY, "amortised": BAR_AMORTISED,
+                      "mask_bytes_per_weight": BAR_MASK_BYTES},
+             "command": "python benchmarks/step_cost.py " + " ".join(
+                 sys.argv[1:] if argv is None else argv),
+             "models": {}}
+  t0 = time.perf_counter()
+  for name in model_names:
+    r = rounds
+    if name == "resnet50" and not args.smoke:
+      r = args.rounds_resnet50 or min(rounds, 5)
+    print(f"== {name}: {r} rounds, arms {arm_names}", flush=True)
+    t_model = time.perf_counter()
+    res = bench_model(name, specs[name], arm_names, r, warmup, args.dtype,
+                      opt_rounds=opt_rounds, log=lambda s: print(s, flush=True))
+    res["wall_s"] = time.perf_counter() - t_model
+    res["machine"], res["command"] = machine_info(), results["command"]
+    results["models"][name] = res
+  results["wall_s"] = time.perf_counter() - t0
+  try:
+    results["machine"]["loadavg_end_1_5_15"] = list(os.getloadavg())
+  except OSError:  # pragma: no cover
+    pass
+
+  os.makedirs(args.out, exist_ok=True)
+  json_path = os.path.join(args.out, f"step_cost{args.tag}.json")
+  if args.merge and os.path.exists(json_path):
+    # Keep the other models of an earlier run (each with its own machine, date and command).
+    with open(json_path) as f:
+      old = json.load(f)
+    kept = {}
+    if bool(old.get("smoke")) != args.smoke:
+      print(f"not merging {json_path}: it holds a {'smoke' if old.get('smoke') else 'full'} run")
+      old = {}
+    for name, res in old.get("models", {}).items():
+      if name not in results["models"]:
+        res.setdefault("machine", old.get("machine"))
+        res.setdefault("command", old.get("command"))
+        kept[name] = res
+    results["models"] = {**kept, **results["models"]}
+  with open(json_path, "w") as f:
+    json.dump(results, f, indent=2)
+  png_path = plot(results, os.path.join(args.out, f"step_cost{args.tag}.png"))
+  print(markdown(results))
+  print(f"\nwrote {json_path} and {png_path}")
+  return results
+
+
+if __name__ == "__main__":
+  main()

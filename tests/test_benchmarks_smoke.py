@@ -1,0 +1,150 @@
+"""Smoke tests of the scripts in benchmarks/: each runs in-process on tiny models."""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "benchmarks")
+
+
+def test_step_cost_smoke(tmp_path):
+  step_cost = _load_benchmark_script("step_cost")
+  step_cost.main(["--models", "resnet20", "--smoke", "--rounds", "2", "--out", str(tmp_path)])
+
+  with open(tmp_path / "step_cost.json") as f:
+    results = json.load(f)
+  assert (tmp_path / "step_cost.png").stat().st_size > 0
+  for key in ("date", "platform", "cpu_count", "backend", "devices"):
+    assert results["machine"][key]
+  res = results["models"]["resnet20"]
+  arms = res["arms"]
+  assert set(arms) == {"dense_sgd", "static", "rigl", "rigl_update"}
+  for name, row in arms.items():
+    assert len(row["times_s"]) == 2 and all(t > 0 for t in row["times_s"]), name
+    assert row["median_s"] > 0 and row["ratio_to_dense"] > 0, name
+    assert row["opt_state_bytes_per_weight"] > 0, name
+  # Only the update arm updates masks (every step after the first).
+  assert arms["rigl_update"]["mask_updates_done"] >= 2
+  assert arms["rigl"]["mask_updates_done"] == 0
+  for name in ("static", "rigl", "rigl_update"):
+    row = arms[name]
+    # One byte per weight for the bool masks, one bit for the exploration record
+    # (packbits rounds each leaf up to whole bytes).
+    assert row["mask_bytes_per_sparse_weight"] <= 1.0, name
+    assert row["mask_dtype"] == "bool", name
+    padding = row["sparse_leaves"] / row["sparse_weights"]
+    assert row["mask_and_exploration_bytes_per_sparse_weight"] <= 1.125 + padding, name
+    assert abs(row["realised_sparsity"] - 0.9) < 0.01, name
+  # Dense SGD keeps one momentum per weight; SparseOpt adds masks and exploration bits only.
+  dense = arms["dense_sgd"]["opt_state_bytes_per_weight"]
+  assert 4.0 <= dense < 4.01
+  assert arms["static"]["opt_state_bytes_per_weight"] <= dense + 1.125 + 0.01
+  summary = res["summary"]
+  for key in ("static_ordinary_ratio", "rigl_ordinary_ratio", "rigl_update_ratio",
+              "rigl_amortised_ratio"):
+    assert summary[key] > 0, key
+
+
+def _load_benchmark_script(name):
+  """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(
+      f"benchmarks_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up in sys.modules
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.modules.pop(spec.name, None)
+  return module
+
+
+def _finite(x):
+  return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_skew_benchmark_smoke(tmp_path):
+  skew = _load_benchmark_script("skew")
+  skew.main(["--smoke", "--out", str(tmp_path)])
+
+  with open(tmp_path / "skew.json") as f:
+    results = json.load(f)
+  assert (tmp_path / "skew.png").stat().st_size > 0
+  for key in ("date", "platform", "cpu_count", "backend", "devices"):
+    assert results["machine"][key]
+  assert results["config"]["model"] == "resnet20" and results["config"]["skew"] is None
+  assert results["config"]["topology"] == "rigl" and results["config"]["sparsity"] == 0.9
+  layers = results["layers"]
+  assert len(layers) >= 10 and set(layers) == set(results["sparse_layers"])
+  assert not set(layers) & set(results["dense_leaves"])
+  for path, row in layers.items():
+    assert 0 < row["sparsity"] < 1, path
+    for when in ("init", "trained"):
+      for kind in ("raw", "corrected"):
+        assert _finite(row[when][kind]), (path, when, kind)
+        # The density correction adds exactly 0.5 to the slope.
+        assert abs(row[when]["corrected"] - row[when]["raw"] - 0.5) < 1e-3, (path, when)
+      assert len(row[when]["log_density"]) == len(row[when]["log_rms_raw"]) > 1, path
+  for key in ("init_raw", "init_corrected", "trained_raw", "trained_corrected"):
+    assert _finite(results["mean"][key]), key
+  assert results["mean"]["init_raw"] < 0  # BatchNorm after sparse convs skews the raw gradient
+  assert set(results["stages"]) == {"stage1", "stage2", "stage3"}
+  for stage in results["stages"].values():
+    assert _finite(stage["init_raw"]) and _finite(stage["trained_corrected"])
+  assert results["checks"]["corrected_minus_raw_minus_half_max_abs"] < 1e-3
+  assert [t["step"] for t in results["trace"]] == [0, 2, 4]
+  assert results["mask_update_steps"]  # the smoke run updates the masks at least once
+  assert 0 < results["exploration"] <= 1 and _finite(results["train"]["final_loss"])
+
+
+def test_scaling_benchmark_smoke(tmp_path):
+  scaling = _load_benchmark_script("scaling")
+  scaling.main(["--smoke", "--out", str(tmp_path)])
+
+  with open(tmp_path / "scaling.json") as f:
+    results = json.load(f)
+  assert (tmp_path / "scaling.png").stat().st_size > 0
+  for key in ("date", "platform", "cpu_count", "backend", "devices"):
+    assert results["machine"][key]
+  rows = results["rows"]
+  assert [r["devices"] for r in rows] == [1, 2]
+  for r in rows:
+    assert r["global_batch"] == 2 * r["devices"]
+    for key in ("step_s_median", "steps_per_s", "images_per_s", "compile_s"):
+      assert _finite(r[key]) and r[key] > 0, (r["devices"], key)
+  assert rows[0]["agreement"] is None
+  agreement = rows[1]["agreement"]
+  assert len(agreement["per_step"]) == results["args"]["check_steps"]
+  first = agreement["first_step"]
+  assert first["allclose"] and first["mask_entries_differing"] == 0
+  assert first["params_max_abs_diff"] < 1e-5 and first["batch_stats_max_abs_diff"] < 1e-5
+  for st in agreement["per_step"]:
+    for key in ("params_max_abs_diff", "batch_stats_max_abs_diff", "floor_params_max_abs_diff",
+                "floor_batch_stats_max_abs_diff"):
+      assert _finite(st[key]), key
+  assert results["agreement"] is True
+  assert results["tolerance"] == {"rtol": 1e-4, "atol": 1e-5}
+  # Rounding gives ~1e-4 of the step's update; per-shard BatchNorm statistics would give > 1.
+  assert first["params_update_rel_diff"] < 0.1 and results["sharding_consistent"] is True
+
+
+def test_convergence_smoke(tmp_path):
+  convergence = _load_benchmark_script("convergence")
+  result = convergence.main(["--smoke", "--out", str(tmp_path)])
+  assert (tmp_path / "convergence.png").stat().st_size > 0
+  saved = json.load(open(tmp_path / "convergence.json"))
+  assert saved["rows"] == result["rows"]
+  rows = {r["arm"]: r for r in result["rows"]}
+  assert set(rows) == {"rigl90_base", "rigl90_density"}
+  for row in rows.values():
+    assert row["seeds"] == 2 and 0 <= row["acc_mean"] <= 100 and _finite(row["acc_std"])
+    assert 0 < row["exploration"] <= 1
+  corrected = rows["rigl90_density"]
+  assert _finite(corrected["delta_vs_base"]) and "steps_to_base_final_ratio" in corrected
+  # A finished sweep is not run again: the second call only aggregates.
+  before = os.path.getmtime(tmp_path / "convergence_runs" / "rigl90_base_seed0" / "done.json")
+  convergence.main(["--smoke", "--out", str(tmp_path)])
+  assert os.path.getmtime(
+      tmp_path / "convergence_runs" / "rigl90_base_seed0" / "done.json") == before
