@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import fnmatch
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -32,6 +30,8 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import machine_info  # noqa: E402  (benchmarks/ is not a package)
 PRESET = {"fashion_mnist": "fashion_mnist_resnet20", "cifar100": "cifar100_resnet20"}
 
 
@@ -253,13 +253,6 @@ def plot(args, runs, path: str) -> None:
   plt.close(fig)
 
 
-def machine() -> dict:
-  import jax
-  return {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-          "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
-          "date": datetime.date.today().isoformat()}
-
-
 def parse(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--dataset", default="fashion_mnist", choices=sorted(PRESET))
@@ -300,7 +293,7 @@ def main(argv=None) -> dict:
   launch(args)
   runs = load_runs(args)
   rows = summarize(args, runs)
-  result = {"machine": machine(), "wall_time_s": time.time() - t,
+  result = {"machine": machine_info(), "wall_time_s": time.time() - t,
             "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
             "rows": rows}
   tag = "convergence" if args.dataset == "fashion_mnist" else f"convergence_{args.dataset}"

@@ -57,9 +57,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import argparse
 import dataclasses
-import datetime
-import json
-import platform
 import statistics
 import sys
 import time
@@ -73,6 +70,9 @@ import sparseopt_jax as so
 from sparseopt_jax import data, presets, train
 from sparseopt_jax import tree as tree_lib
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_info, save_results  # noqa: E402  (benchmarks/ is not a package)
+
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PRESET = "fashion_mnist_resnet20"
 RTOL, ATOL = 1e-4, 1e-5
@@ -85,33 +85,6 @@ SCHEDULE_STEPS = 10_000  # the run the schedules (lr, drop fraction, end_step) a
 
 # ---------------------------------------------------------------------------
 # Machine
-
-
-def machine_info() -> dict:
-  try:
-    affinity = len(os.sched_getaffinity(0))
-  except AttributeError:  # pragma: no cover - not Linux
-    affinity = None
-  info = {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-      "python": platform.python_version(), "cpu_count": os.cpu_count(),
-      "cpus_usable": affinity, "jax": jax.__version__, "backend": jax.default_backend(),
-      "devices": [str(d) for d in jax.devices()], "device_kind": jax.devices()[0].device_kind,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-  }
-  try:
-    info["loadavg_1_5_15"] = list(os.getloadavg())
-  except OSError:  # pragma: no cover
-    pass
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-    if names:
-      info["cpu_model"] = names[0]
-  except OSError:  # pragma: no cover
-    pass
-  return info
 
 
 # ---------------------------------------------------------------------------
@@ -468,17 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
           for when in ("first_step", "final")},
       "notes": notes,
   }
-  results["wall_s"] = time.perf_counter() - t_start
-  try:
-    results["machine"]["loadavg_end_1_5_15"] = list(os.getloadavg())
-  except OSError:  # pragma: no cover
-    pass
-
-  os.makedirs(args.out, exist_ok=True)
-  json_path = os.path.join(args.out, f"scaling{args.tag}.json")
-  with open(json_path, "w") as f:
-    json.dump(results, f, indent=1)
-  png_path = plot(results, os.path.join(args.out, f"scaling{args.tag}.png"))
+  json_path, png_path = save_results(results, args.out, f"scaling{args.tag}", plot, t_start)
   print(markdown(results))
   if checked:
     d = results["max_abs_diff"]

@@ -42,11 +42,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import math
 import os
-import platform
 import sys
 import time
 from typing import Any
@@ -60,6 +57,9 @@ from jax.sharding import PartitionSpec as P
 import sparseopt_jax as so
 from sparseopt_jax import data, presets, train
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_info, save_results  # noqa: E402  (benchmarks/ is not a package)
+
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PRESET = "fashion_mnist_resnet20"
 PROBE_SEED_OFFSET = 7919  # the probe batches come from a stream seeded apart from training
@@ -67,33 +67,6 @@ PROBE_SEED_OFFSET = 7919  # the probe batches come from a stream seeded apart fr
 
 # ---------------------------------------------------------------------------
 # Machine
-
-
-def machine_info() -> dict:
-  try:
-    affinity = len(os.sched_getaffinity(0))
-  except AttributeError:  # pragma: no cover - not Linux
-    affinity = None
-  info = {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-      "python": platform.python_version(), "cpu_count": os.cpu_count(),
-      "cpus_usable": affinity, "jax": jax.__version__, "backend": jax.default_backend(),
-      "devices": [str(d) for d in jax.devices()], "device_kind": jax.devices()[0].device_kind,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-  }
-  try:
-    info["loadavg_1_5_15"] = list(os.getloadavg())
-  except OSError:  # pragma: no cover
-    pass
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-    if names:
-      info["cpu_model"] = names[0]
-  except OSError:  # pragma: no cover
-    pass
-  return info
 
 
 # ---------------------------------------------------------------------------
@@ -470,17 +443,7 @@ def main(argv: list[str] | None = None) -> dict:
       "timings_s": {"train": t_train, "train_per_step": t_train / steps,
                     "probe_at_init_incl_compile": t_probe},
   }
-  results["wall_s"] = time.perf_counter() - t_start
-  try:
-    results["machine"]["loadavg_end_1_5_15"] = list(os.getloadavg())
-  except OSError:  # pragma: no cover
-    pass
-
-  os.makedirs(args.out, exist_ok=True)
-  json_path = os.path.join(args.out, f"skew{args.tag}.json")
-  with open(json_path, "w") as f:
-    json.dump(results, f, indent=1)
-  png_path = plot(results, os.path.join(args.out, f"skew{args.tag}.png"))
+  json_path, png_path = save_results(results, args.out, f"skew{args.tag}", plot, t_start)
   print(markdown(results))
   if trace:
     print("\nmean slope over the sparse layers (first probe batch): " + ", ".join(

@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -55,6 +53,9 @@ from jax.sharding import PartitionSpec as P
 import sparseopt_jax as so
 from sparseopt_jax import data, presets, train
 from sparseopt_jax.topology import TopologyState
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_info  # noqa: E402  (benchmarks/ is not a package)
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DELTA_T = 100
@@ -352,33 +353,6 @@ def bench_model(name: str, spec: ModelSpec, arm_names: list[str], rounds: int, w
     summary["pass_mask_bytes"] = bool(mask_bytes) and max(mask_bytes) <= BAR_MASK_BYTES
   out["summary"] = summary
   return out
-
-
-def machine_info() -> dict:
-  try:
-    affinity = len(os.sched_getaffinity(0))
-  except AttributeError:  # pragma: no cover - not Linux
-    affinity = None
-  info = {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-      "python": platform.python_version(), "cpu_count": os.cpu_count(),
-      "cpus_usable": affinity, "jax": jax.__version__, "backend": jax.default_backend(),
-      "devices": [str(d) for d in jax.devices()], "device_kind": jax.devices()[0].device_kind,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-  }
-  try:
-    info["loadavg_1_5_15"] = list(os.getloadavg())
-  except OSError:  # pragma: no cover
-    pass
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-    if names:
-      info["cpu_model"] = names[0]
-  except OSError:  # pragma: no cover
-    pass
-  return info
 
 
 # ---------------------------------------------------------------------------

@@ -49,8 +49,10 @@ def test_tiny_preset_trains_on_real_fashion_mnist(tmp_path):
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("overrides", [dict(skew="bn"), dict(dense=True),
-                                       dict(topology="set", skew=None)])
+@pytest.mark.parametrize("overrides", [
+    dict(skew="bn"),
+    pytest.param(dict(dense=True), marks=pytest.mark.slow),
+    pytest.param(dict(topology="set", skew=None), marks=pytest.mark.slow)])
 def test_other_arms_run_end_to_end(tmp_path, overrides):
   _, row = run(tiny(steps=20, **overrides), tmp_path)
   assert np.isfinite(row["test_loss"]) and row["train_loss"] < 2.3
