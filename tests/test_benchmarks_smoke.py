@@ -11,14 +11,7 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 def test_step_cost_smoke(tmp_path):
-  step_cost = _load_benchmark_script("step_cost")
-  step_cost.main(["--models", "resnet20", "--smoke", "--rounds", "2", "--out", str(tmp_path)])
-
-  with open(tmp_path / "step_cost.json") as f:
-    results = json.load(f)
-  assert (tmp_path / "step_cost.png").stat().st_size > 0
-  for key in ("date", "platform", "cpu_count", "backend", "devices"):
-    assert results["machine"][key]
+  results = _run_smoke("step_cost", tmp_path, "--models", "resnet20", "--rounds", "2")
   res = results["models"]["resnet20"]
   arms = res["arms"]
   assert set(arms) == {"dense_sgd", "static", "rigl", "rigl_update"}
@@ -61,19 +54,23 @@ def _load_benchmark_script(name):
   return module
 
 
+def _run_smoke(name, tmp_path, *extra):
+  """Run benchmarks/<name>.py --smoke into tmp_path; check its PNG and machine record."""
+  _load_benchmark_script(name).main([*extra, "--smoke", "--out", str(tmp_path)])
+  with open(tmp_path / f"{name}.json") as f:
+    results = json.load(f)
+  assert (tmp_path / f"{name}.png").stat().st_size > 0
+  for key in ("date", "platform", "cpu_count", "backend", "devices"):
+    assert results["machine"][key]
+  return results
+
+
 def _finite(x):
   return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def test_skew_benchmark_smoke(tmp_path):
-  skew = _load_benchmark_script("skew")
-  skew.main(["--smoke", "--out", str(tmp_path)])
-
-  with open(tmp_path / "skew.json") as f:
-    results = json.load(f)
-  assert (tmp_path / "skew.png").stat().st_size > 0
-  for key in ("date", "platform", "cpu_count", "backend", "devices"):
-    assert results["machine"][key]
+  results = _run_smoke("skew", tmp_path)
   assert results["config"]["model"] == "resnet20" and results["config"]["skew"] is None
   assert results["config"]["topology"] == "rigl" and results["config"]["sparsity"] == 0.9
   layers = results["layers"]
@@ -100,14 +97,7 @@ def test_skew_benchmark_smoke(tmp_path):
 
 
 def test_scaling_benchmark_smoke(tmp_path):
-  scaling = _load_benchmark_script("scaling")
-  scaling.main(["--smoke", "--out", str(tmp_path)])
-
-  with open(tmp_path / "scaling.json") as f:
-    results = json.load(f)
-  assert (tmp_path / "scaling.png").stat().st_size > 0
-  for key in ("date", "platform", "cpu_count", "backend", "devices"):
-    assert results["machine"][key]
+  results = _run_smoke("scaling", tmp_path)
   rows = results["rows"]
   assert [r["devices"] for r in rows] == [1, 2]
   for r in rows:
