@@ -72,8 +72,14 @@ def run_config(args, arm: Arm, seed: int):
   return presets.get_preset(PRESET[args.dataset], **{**common, **arm.overrides})
 
 
+def budget_tag(args) -> str:
+  """Names a sweep by data set and budget, so different budgets never share runs."""
+  budget = f"epochs{args.epochs:g}" if args.full else f"steps{args.steps}"
+  return f"{args.dataset}_{budget}"
+
+
 def workdir(args, arm: Arm, seed: int) -> str:
-  return os.path.join(args.out, "convergence_runs", f"{arm.name}_seed{seed}")
+  return os.path.join(args.out, "convergence_runs", budget_tag(args), f"{arm.name}_seed{seed}")
 
 
 def base_name(arm: Arm) -> str | None:
@@ -296,7 +302,8 @@ def main(argv=None) -> dict:
   result = {"machine": machine_info(), "wall_time_s": time.time() - t,
             "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
             "rows": rows}
-  tag = "convergence" if args.dataset == "fashion_mnist" else f"convergence_{args.dataset}"
+  default = args.dataset == "fashion_mnist" and not args.full and args.steps == 300
+  tag = "convergence" if default else f"convergence_{budget_tag(args)}"
   with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
     json.dump(result, f, indent=2)
   plot(args, runs, os.path.join(args.out, f"{tag}.png"))

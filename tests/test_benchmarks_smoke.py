@@ -123,8 +123,8 @@ def test_scaling_benchmark_smoke(tmp_path):
 def test_convergence_smoke(tmp_path):
   convergence = _load_benchmark_script("convergence")
   result = convergence.main(["--smoke", "--out", str(tmp_path)])
-  assert (tmp_path / "convergence.png").stat().st_size > 0
-  saved = json.load(open(tmp_path / "convergence.json"))
+  assert (tmp_path / "convergence_fashion_mnist_steps6.png").stat().st_size > 0
+  saved = json.load(open(tmp_path / "convergence_fashion_mnist_steps6.json"))
   assert saved["rows"] == result["rows"]
   rows = {r["arm"]: r for r in result["rows"]}
   assert set(rows) == {"rigl90_base", "rigl90_density"}
@@ -134,7 +134,7 @@ def test_convergence_smoke(tmp_path):
   corrected = rows["rigl90_density"]
   assert _finite(corrected["delta_vs_base"]) and "steps_to_base_final_ratio" in corrected
   # A finished sweep is not run again: the second call only aggregates.
-  before = os.path.getmtime(tmp_path / "convergence_runs" / "rigl90_base_seed0" / "done.json")
+  done = tmp_path / "convergence_runs" / "fashion_mnist_steps6" / "rigl90_base_seed0" / "done.json"
+  before = os.path.getmtime(done)
   convergence.main(["--smoke", "--out", str(tmp_path)])
-  assert os.path.getmtime(
-      tmp_path / "convergence_runs" / "rigl90_base_seed0" / "done.json") == before
+  assert os.path.getmtime(done) == before
