@@ -51,3 +51,12 @@ def save_results(results: dict, out: str, stem: str, plot, t_start: float) -> tu
   with open(json_path, "w") as f:
     json.dump(results, f, indent=1)
   return json_path, plot(results, os.path.join(out, f"{stem}.png"))
+
+
+def save_figure(fig, path: str) -> str:
+  """Lay out, write at 110 dpi and close a matplotlib figure; returns ``path``."""
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

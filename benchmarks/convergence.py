@@ -31,7 +31,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import machine_info  # noqa: E402  (benchmarks/ is not a package)
+from common import machine_info, save_figure  # noqa: E402  (benchmarks/ is not a package)
 PRESET = {"fashion_mnist": "fashion_mnist_resnet20", "cifar100": "cifar100_resnet20"}
 
 
@@ -254,9 +254,7 @@ def plot(args, runs, path: str) -> None:
   for ax in list(axes.flat)[len(panels):]:
     ax.axis("off")
   fig.suptitle(f"Convergence, {args.dataset}: mean ± std over {args.seeds} seeds")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def parse(argv):

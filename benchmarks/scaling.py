@@ -71,7 +71,7 @@ from sparseopt_jax import data, presets, train
 from sparseopt_jax import tree as tree_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, save_results  # noqa: E402  (benchmarks/ is not a package)
+from common import machine_info, save_results, save_figure  # noqa: E402  (benchmarks/ is not a package)
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PRESET = "fashion_mnist_resnet20"
@@ -267,10 +267,7 @@ def plot(results: dict, path: str) -> str:
   ax2.set_ylabel("params: max abs difference to the 1-device run")
   ax2.set_title("agreement with 1 device on the same global batches", fontsize=10)
   ax2.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from sparseopt_jax import data, presets, train
 from sparseopt_jax.topology import TopologyState
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info  # noqa: E402  (benchmarks/ is not a package)
+from common import machine_info, save_figure  # noqa: E402  (benchmarks/ is not a package)
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DELTA_T = 100
@@ -471,10 +471,7 @@ def plot(results: dict, path: str) -> str:
   fig.suptitle(f"SparseOpt train-step cost vs plain SGD (medians, interleaved)\n"
                f"{m.get('cpu_model', m['processor'])}, {m['cpus_usable']} CPUs, "
                f"jax {m['jax']} {m['backend']}, {m['date'][:10]}", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------
