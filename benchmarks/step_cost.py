@@ -62,8 +62,10 @@ DELTA_T = 100
 BAR_ORDINARY = 1.03
 BAR_AMORTISED = 1.05
 BAR_MASK_BYTES = 1.0
+BAR_INIT = 0.3             # eager tx.init / eager model.init (CPU)
+BAR_COMPILE = 1.5          # train-step compile / dense step's
+BAR_OPTIMIZER_ONLY = 1.15  # tx.update + apply alone / dense SGD's (CPU, ResNet-20)
 NUM_STEPS = 10_000_000        # a long run: the LR schedule and end_step never bite
-NEVER = 1_000_000_000         # update_every for "ordinary" steps: the cond never fires
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,24 +83,32 @@ MODELS = {
     "resnet20": ModelSpec("cifar100_resnet20", (32, 32, 3), 100, 128),
     "resnet50": ModelSpec("imagenet_resnet50", (224, 224, 3), 1000, 32),
 }
+# The issue's CPU setting for ResNet-50: what a new user tries on a laptop.
+MODELS["resnet50_64"] = ModelSpec("imagenet_resnet50", (64, 64, 3), 1000, 8)
 SMOKE = {
     "resnet20": ModelSpec("cifar100_resnet20", (16, 16, 3), 10, 8, width=4),
     "resnet50": ModelSpec("imagenet_resnet50", (32, 32, 3), 10, 2, width=4),
+    "resnet50_64": ModelSpec("imagenet_resnet50", (32, 32, 3), 10, 2, width=4),
 }
 
-# arm -> TrainConfig overrides
-ARMS: dict[str, dict[str, Any]] = {
-    "dense_sgd": {"dense": True},
-    "static": {"topology": "static", "skew": "density", "update_every": NEVER},
-    "rigl": {"topology": "rigl", "skew": "density", "update_every": NEVER},
-    "rigl_update": {"topology": "rigl", "skew": "density", "update_every": 1},
+# arm -> (TrainConfig overrides, mask_update): the training loop's host-scheduled
+# variants (mask_update False / True, a static argument of the jitted step), or the
+# in-graph schedule (None: a lax.cond inside the step decides).
+ARMS: dict[str, tuple[dict[str, Any], bool | None]] = {
+    "dense_sgd": ({"dense": True}, False),
+    "static": ({"topology": "static", "skew": "density"}, False),
+    "rigl": ({"topology": "rigl", "skew": "density", "update_every": DELTA_T}, False),
+    "rigl_update": ({"topology": "rigl", "skew": "density", "update_every": 1}, True),
 }
 # Extra arms for looking into where the time goes (``--arms``).
-EXTRA_ARMS: dict[str, dict[str, Any]] = {
-    "static_noskew": {"topology": "static", "skew": None, "update_every": NEVER},
-    "rigl_noskew": {"topology": "rigl", "skew": None, "update_every": NEVER},
-    "rigl_update_noskew": {"topology": "rigl", "skew": None, "update_every": 1},
-    "set_update": {"topology": "set", "skew": "density", "update_every": 1},
+EXTRA_ARMS: dict[str, tuple[dict[str, Any], bool | None]] = {
+    "static_noskew": ({"topology": "static", "skew": None}, False),
+    "rigl_noskew": ({"topology": "rigl", "skew": None, "update_every": DELTA_T}, False),
+    "rigl_update_noskew": ({"topology": "rigl", "skew": None, "update_every": 1}, True),
+    "set_update": ({"topology": "set", "skew": "density", "update_every": 1}, True),
+    # The simple in-graph form: one jitted step, a lax.cond deciding each step.
+    "rigl_in_graph": ({"topology": "rigl", "skew": "density", "update_every": DELTA_T}, None),
+    "rigl_update_in_graph": ({"topology": "rigl", "skew": "density", "update_every": 1}, None),
 }
 ALL_ARMS = {**ARMS, **EXTRA_ARMS}
 
@@ -134,30 +144,50 @@ def state_bytes(state: train.TrainState) -> dict[str, Any]:
     n_sparse = int(sum(m.size for m in masks))
     mask_bytes = tree_bytes(topo.masks)
     ever_bytes = tree_bytes(topo.ever_active)
+    factor_bytes = tree_bytes(topo.density_factors)  # float32 per neuron, cached
     out.update(
         sparse_weights=n_sparse, sparse_leaves=len(masks), mask_dtype=str(masks[0].dtype),
         mask_bytes=mask_bytes, exploration_bytes=ever_bytes,
         mask_bytes_per_sparse_weight=mask_bytes / n_sparse,
         exploration_bytes_per_sparse_weight=ever_bytes / n_sparse,
+        density_factor_bytes_per_weight=factor_bytes / n_params,
         mask_and_exploration_bytes_per_sparse_weight=(mask_bytes + ever_bytes) / n_sparse,
         realised_sparsity=1.0 - float(sum(int(jnp.sum(m)) for m in masks)) / n_sparse)
   return out
 
 
-class Arm:
-  """One compiled train step and its (donated) state."""
+def hlo_stats(compiled: Any) -> dict[str, int]:
+  """Size of a compiled program: HLO lines, fusions and conditionals (any backend)."""
+  text = compiled.as_text()
+  return {"hlo_lines": len(text.splitlines()), "fusions": text.count(" fusion("),
+          "conditionals": text.count(" conditional(")}
 
-  def __init__(self, name: str, spec: ModelSpec, overrides: dict, dtype: str,
-               mesh: jax.sharding.Mesh):
+
+class Arm:
+  """One compiled train step (one variant of it) and its (donated) state."""
+
+  def __init__(self, name: str, spec: ModelSpec, arm: tuple[dict, bool | None], dtype: str,
+               mesh: jax.sharding.Mesh, batch: dict):
     self.name = name
+    overrides, self.mask_update = arm
     info = data.DatasetInfo("synthetic", spec.image_shape, spec.num_classes,
                             num_train=50_000, num_test=10_000)
     self.setup = train.make_setup(make_config(spec, overrides, dtype), info,
                                   max(1, info.num_train // spec.batch_size))
+    t0 = time.perf_counter()
     state = train.create_train_state(self.setup, spec.image_shape)
+    jax.block_until_ready(state)
+    self.build_s = time.perf_counter() - t0
     self.bytes = state_bytes(state)
+    self.bytes["opt_state_leaves"] = len(jax.tree.leaves(state.opt_state))
+    if self.mask_update is True:  # a step of the update variant must update the masks
+      state = state.replace(opt_state=_with_step(state.opt_state, 1))
     self.state = jax.device_put(state, NamedSharding(mesh, P()))
-    self.step, _, _ = train.jit_steps(self.setup, mesh)
+    jitted, _, _ = train.jit_steps(self.setup, mesh)
+    t0 = time.perf_counter()
+    self.step = jitted.lower(self.state, batch, self.mask_update).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.hlo = hlo_stats(self.step)
     self.times: list[float] = []        # wall seconds per timed step
     self.cpu_times: list[float] = []    # CPU seconds of this process per timed step
     self.opt_times: list[float] = []
@@ -174,27 +204,32 @@ class Arm:
   def start_optimizer_only(self, seed: int = 0) -> None:
     """Compile the optimizer part of the step alone: ``tx.update`` + apply, on fixed grads.
 
-    A decomposition for finding where the time goes: the same ``tx`` and the same
-    apply function as ``train.make_train_step``, without the model's forward and
-    backward pass, on random dense gradients shaped like the params.
+    A decomposition for finding where the time goes: the same ``tx``, apply
+    function and variant as ``train.make_train_step``, without the model's
+    forward and backward pass, on random dense gradients shaped like the params.
     """
-    cfg, tx = self.setup.config, self.setup.tx
-    apply = ((lambda p, u, s: (optax.apply_updates(p, u), s)) if cfg.dense
-             else so.apply_updates)
+    cfg, tx, mu = self.setup.config, self.setup.tx, self.mask_update
 
     def opt_step(params, opt_state, grads, batch_stats):
-      updates, opt_state = tx.update(grads, opt_state, params, batch_stats=batch_stats)
-      return apply(params, updates, opt_state)
+      if cfg.dense:
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+      updates, opt_state = tx.update(grads, opt_state, params, batch_stats=batch_stats,
+                                     mask_update=mu)
+      return so.apply_updates(params, updates, opt_state, mask_update=mu)
 
     leaves, treedef = jax.tree.flatten(self.state.params)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
     grads = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) * 1e-2
                                          for k, x in zip(keys, leaves)])
     copy = lambda t: jax.tree.map(jnp.copy, t)
-    self.opt_step = jax.jit(opt_step, donate_argnums=(0, 1))
     self.opt_args = [copy(self.state.params), copy(self.state.opt_state), grads,
                      self.state.batch_stats]
-    self.run_optimizer_only()  # compile
+    t0 = time.perf_counter()
+    self.opt_step = jax.jit(opt_step, donate_argnums=(0, 1)).lower(*self.opt_args).compile()
+    self.opt_compile_s = time.perf_counter() - t0
+    self.opt_hlo = hlo_stats(self.opt_step)
+    self.run_optimizer_only()
 
   def run_optimizer_only(self) -> tuple[float, float]:
     params, opt_state, grads, stats = self.opt_args
@@ -210,13 +245,36 @@ class Arm:
 
   def updates_done(self) -> int:
     """Mask updates so far (to check that the update arm really updates, the others not)."""
-    cfg = self.setup.config
-    if cfg.dense or cfg.topology == "static":
+    topo = _topology_state(self.state.opt_state)
+    if topo is None or self.mask_update is False:
       return 0
-    count = int(_topology_state(self.state.opt_state).count)
-    end_step = int(cfg.end_fraction * self.setup.num_steps)
+    cfg = self.setup.config
+    step = int(topo.step)
     # The step that saw count c updated iff 0 < c < end_step and c % update_every == 0.
-    return max(0, min(count - 1, end_step - 1)) // cfg.update_every
+    return max(0, min(step - 1, self.setup.end_step - 1)) // cfg.update_every
+
+
+def _with_step(opt_state: Any, step: int) -> Any:
+  """``opt_state`` with its topology stage's step set (past step 0, which never updates)."""
+  is_topo = lambda x: isinstance(x, TopologyState)
+  return jax.tree.map(lambda x: x._replace(step=jnp.full_like(x.step, step)) if is_topo(x) else x,
+                      opt_state, is_leaf=is_topo)
+
+
+def init_costs(spec: ModelSpec, dtype: str, seed: int = 0) -> dict[str, float]:
+  """Eager ``model.init`` vs eager ``tx.init`` of the RigL arm, as a new user calls them."""
+  info = data.DatasetInfo("synthetic", spec.image_shape, spec.num_classes,
+                          num_train=50_000, num_test=10_000)
+  setup = train.make_setup(make_config(spec, ARMS["rigl"][0], dtype), info, 1000)
+  x = jnp.zeros((1, *spec.image_shape), jnp.float32)
+  t0 = time.perf_counter()
+  variables = jax.block_until_ready(setup.model.init(jax.random.PRNGKey(seed), x, train=True))
+  model_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  jax.block_until_ready(setup.tx.init(variables["params"]))
+  tx_s = time.perf_counter() - t0
+  return {"model_init_eager_s": model_s, "tx_init_eager_s": tx_s,
+          "tx_init_over_model_init": tx_s / model_s}
 
 
 # ---------------------------------------------------------------------------
@@ -256,14 +314,15 @@ def bench_model(name: str, spec: ModelSpec, arm_names: list[str], rounds: int, w
           "label": rng.integers(0, spec.num_classes, spec.batch_size).astype(np.int32)}
   batch = train.shard_batch(host, mesh)
 
-  arms, build_s, compile_s = {}, {}, {}
+  init = init_costs(spec, dtype, seed)
+  log(f"  [{name}] eager model.init {init['model_init_eager_s']:.2f}s, eager tx.init "
+      f"{init['tx_init_eager_s']:.2f}s ({init['tx_init_over_model_init']:.3f}x)")
+  arms = {}
   for arm in arm_names:
-    t0 = time.perf_counter()
-    arms[arm] = Arm(arm, spec, ALL_ARMS[arm], dtype, mesh)
-    build_s[arm] = time.perf_counter() - t0
-    compile_s[arm] = arms[arm].run(batch)[0]  # compile + first step
-    log(f"  [{name}] {arm}: state built in {build_s[arm]:.1f}s, step compiled and run once in "
-        f"{compile_s[arm]:.1f}s")
+    arms[arm] = a = Arm(arm, spec, ALL_ARMS[arm], dtype, mesh, batch)
+    a.run(batch)  # first step
+    log(f"  [{name}] {arm}: state built in {a.build_s:.1f}s, step compiled in "
+        f"{a.compile_s:.1f}s ({a.hlo['hlo_lines']} HLO lines)")
   _interleave(arms, lambda a: a.run(batch), rounds, warmup, "times", name, log)
   if opt_rounds:
     for a in arms.values():
@@ -274,13 +333,15 @@ def bench_model(name: str, spec: ModelSpec, arm_names: list[str], rounds: int, w
       a.stop_optimizer_only()
 
   out: dict[str, Any] = {"spec": dataclasses.asdict(spec), "dtype": dtype, "rounds": rounds,
-                         "warmup": warmup, "arms": {}}
+                         "warmup": warmup, "init": init, "arms": {}}
   dense = arms.get("dense_sgd")
   for arm, a in arms.items():
     row = {"median_s": _median(a.times), "min_s": float(min(a.times)),
-           "times_s": a.times, "build_state_s": build_s[arm],
-           "compile_and_first_step_s": compile_s[arm],
+           "times_s": a.times, "build_state_s": a.build_s, "mask_update": a.mask_update,
+           "compile_s": a.compile_s, "step_hlo": a.hlo,
            "mask_updates_done": a.updates_done(), **a.bytes}
+    if dense is not None:
+      row["compile_ratio_to_dense"] = a.compile_s / dense.compile_s
     if dense is not None:
       row["ratio_to_dense"] = row["median_s"] / _median(dense.times)
       row["ratio_to_dense_per_round_median"] = _median(
@@ -293,6 +354,8 @@ def bench_model(name: str, spec: ModelSpec, arm_names: list[str], rounds: int, w
       row["cpu_ratio_to_dense_per_round_median"] = _median(
           [t / d for t, d in zip(a.cpu_times, dense.cpu_times)])
     if a.opt_times:
+      row["optimizer_only_compile_s"] = a.opt_compile_s
+      row["optimizer_only_hlo"] = a.opt_hlo
       row["optimizer_only_median_s"] = _median(a.opt_times)
       row["optimizer_only_cpu_median_s"] = _median(a.opt_cpu_times)
       row["optimizer_only_times_s"] = a.opt_times
@@ -302,6 +365,8 @@ def bench_model(name: str, spec: ModelSpec, arm_names: list[str], rounds: int, w
             [t - d for t, d in zip(a.opt_times, dense.opt_times)])
         row["optimizer_only_ratio_estimate"] = 1 + row["optimizer_only_extra_s"] / _median(
             dense.times)
+        row["optimizer_only_ratio_to_dense"] = _median(
+            [t / d for t, d in zip(a.opt_times, dense.opt_times)])
     out["arms"][arm] = row
 
   summary: dict[str, Any] = {}
@@ -351,6 +416,18 @@ def bench_model(name: str, spec: ModelSpec, arm_names: list[str], rounds: int, w
     summary["pass_ordinary"] = bool(ordinary) and max(ordinary) <= BAR_ORDINARY
     summary["pass_amortised"] = bool(amortised_r) and max(amortised_r) <= BAR_AMORTISED
     summary["pass_mask_bytes"] = bool(mask_bytes) and max(mask_bytes) <= BAR_MASK_BYTES
+    rows = out["arms"]
+    summary["tx_init_over_model_init"] = out["init"]["tx_init_over_model_init"]
+    summary["pass_init"] = summary["tx_init_over_model_init"] <= BAR_INIT
+    ordinary_compile = [rows[a]["compile_ratio_to_dense"] for a in ("static", "rigl") if a in rows]
+    if ordinary_compile:
+      summary["compile_ratio_ordinary"] = max(ordinary_compile)
+      summary["pass_compile"] = summary["compile_ratio_ordinary"] <= BAR_COMPILE
+    if "rigl_update" in rows:
+      summary["compile_ratio_update_variant"] = rows["rigl_update"]["compile_ratio_to_dense"]
+    if "rigl" in rows and "optimizer_only_ratio_to_dense" in rows["rigl"]:
+      summary["optimizer_only_ratio"] = rows["rigl"]["optimizer_only_ratio_to_dense"]
+      summary["pass_optimizer_only"] = summary["optimizer_only_ratio"] <= BAR_OPTIMIZER_ONLY
   out["summary"] = summary
   return out
 
@@ -395,6 +472,28 @@ def markdown(results: dict) -> str:
           f"{'-' if m is None else f'{m:.3f}'} | {'-' if e is None else f'{e:.3f}'} | "
           f"{row.get('sparse_weights', '-')} | "
           f"{'-' if sp is None else f'{sp:.4f}'} |")
+  lines += ["", "| model | arm | variant | compile s | x dense | step HLO lines | conditionals "
+            "| optimizer-only HLO lines | optimizer-only fusions | opt-state leaves "
+            "| optimizer-only x dense (paired) |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for model, res in results["models"].items():
+    for arm, row in res["arms"].items():
+      oh = row.get("optimizer_only_hlo") or {}
+      variant = {None: "in-graph cond", False: "ordinary", True: "mask update"}[
+          row.get("mask_update")]
+      lines.append(
+          f"| {model} | {arm} | {variant} | {row['compile_s']:.2f} | "
+          f"{f3(row.get('compile_ratio_to_dense'))} | {row['step_hlo']['hlo_lines']} | "
+          f"{row['step_hlo']['conditionals']} | {oh.get('hlo_lines', '-')} | "
+          f"{oh.get('fusions', '-')} | {row['opt_state_leaves']} | "
+          f"{f3(row.get('optimizer_only_ratio_to_dense'))} |")
+  lines += ["", "| model | eager model.init s | eager tx.init s (RigL 90% ERK) | ratio |",
+            "|---|---:|---:|---:|"]
+  for model, res in results["models"].items():
+    i = res.get("init")
+    if i:
+      lines.append(f"| {model} | {i['model_init_eager_s']:.2f} | {i['tx_init_eager_s']:.3f} | "
+                   f"{i['tx_init_over_model_init']:.3f} |")
   lines += ["", "Paired ratio: median over rounds of (arm step / dense step in the same round). "
             "Optimizer-only: tx.update + apply alone on fixed grads; its extra time over dense "
             "SGD's, divided by the dense full step, gives the estimate.",
@@ -420,7 +519,16 @@ def markdown(results: dict) -> str:
                    f"({context('ordinary')}); "
                    f"amortised {'PASS' if s.get('pass_amortised') else 'FAIL'} "
                    f"({context('amortised')}); "
-                   f"mask bytes {'PASS' if s.get('pass_mask_bytes') else 'FAIL'}")
+                   f"mask bytes {'PASS' if s.get('pass_mask_bytes') else 'FAIL'}; "
+                   f"tx.init <= {BAR_INIT}x model.init "
+                   f"{'PASS' if s.get('pass_init') else 'FAIL'} ({f3(s.get('tx_init_over_model_init'))}); "
+                   f"compile <= {BAR_COMPILE}x {'PASS' if s.get('pass_compile') else 'FAIL'} "
+                   f"(ordinary {f3(s.get('compile_ratio_ordinary'))}, update variant "
+                   f"{f3(s.get('compile_ratio_update_variant'))}, compiled in the background "
+                   "by the training loop); "
+                   f"optimizer only <= {BAR_OPTIMIZER_ONLY}x "
+                   f"{'PASS' if s.get('pass_optimizer_only') else 'FAIL'} "
+                   f"({f3(s.get('optimizer_only_ratio'))})")
   return "\n".join(lines)
 
 

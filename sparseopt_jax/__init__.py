@@ -12,13 +12,13 @@ from sparseopt_jax.masking import (MaskState, apply_masks, apply_updates, get_ma
                                    random_masks)
 from sparseopt_jax.nnx_support import SparseOptimizer, nnx_batch_stats, remask
 from sparseopt_jax.skew import SkewState, skew_correct
-from sparseopt_jax.topology import TopologyState, topology_update
+from sparseopt_jax.topology import TopologyState, is_mask_update_step, topology_update
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MaskState", "SkewState", "SparseOptState", "TopologyState", "active_counts",
-    "apply_masks", "apply_updates", "get_masks", "layer_sparsities", "leaf_skew_slope", "mask",
+    "apply_masks", "apply_updates", "get_masks", "is_mask_update_step", "layer_sparsities", "leaf_skew_slope", "mask",
     "random_masks", "skew_correct", "skew_slope", "sparseopt", "sparsity_summary",
     "topology_update",
     "SparseOptimizer", "nnx_batch_stats", "remask",

@@ -95,7 +95,7 @@ def sparseopt(
   topo = topology_lib.topology_update(
       topology, sparsity=sparsity, distribution=distribution, masks=masks,
       sparse_filter=sparse_filter, update_every=update_every, drop_fraction=drop_fraction,
-      end_step=end_step, seed=seed)
+      end_step=end_step, seed=seed, neuron_axis=neuron_axis)
   correct = None if skew is None else skew_lib.skew_correct(
       skew, bn_pairs=bn_pairs, neuron_axis=neuron_axis, bn_floor=bn_floor)
 
@@ -105,13 +105,14 @@ def sparseopt(
         topology=topo.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    extra_args.pop("masks", None)
-    extra_args.pop("grow_grads", None)
+    for name in ("masks", "grow_grads", "density_factors"):
+      extra_args.pop(name, None)
     grads = updates
     skew_state = state.skew
     if correct is not None:
-      updates, skew_state = correct.update(updates, skew_state, params,
-                                           masks=state.topology.masks, **extra_args)
+      updates, skew_state = correct.update(
+          updates, skew_state, params, density_factors=state.topology.density_factors,
+          **extra_args)
     updates, topo_state = topo.update(
         updates, state.topology, params,
         grow_grads=grads if grow_with == "raw" else None, **extra_args)

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sparseopt_jax import budgets
@@ -38,8 +41,19 @@ MASK_OWNERS: list[type] = [MaskState]
 
 
 def as_bool_masks(masks: Any) -> Any:
-  return jax.tree.map(lambda m: None if m is None else jnp.asarray(m).astype(bool),
-                      masks, is_leaf=tree_lib.is_none)
+  """Masks as bool arrays; non-bool masks must hold only 0 and 1 (checked when concrete)."""
+  def convert(p, m):
+    if m is None:
+      return None
+    m = jnp.asarray(m)
+    if m.dtype != jnp.bool_ and not isinstance(m, jax.core.Tracer):
+      values = np.unique(np.asarray(m))
+      if not np.all((values == 0) | (values == 1)):
+        raise ValueError(f"mask leaf {tree_lib.path_str(p)!r} has dtype {m.dtype} with values "
+                         f"other than 0 and 1 (e.g. {values[(values != 0) & (values != 1)][:3]}); "
+                         "masks are boolean: True keeps a weight")
+    return m.astype(bool)
+  return jax.tree_util.tree_map_with_path(convert, masks, is_leaf=tree_lib.is_none)
 
 
 def mask_updates(updates: Any, masks: Any) -> Any:
@@ -82,29 +96,46 @@ def mask(masks: Any = None) -> optax.GradientTransformationExtraArgs:
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def random_masks(params: Any, sparsity: float, distribution: budgets.Distribution = "uniform",
-                 *, sparse_filter: tree_lib.SparseFilter = None, seed: int = 0) -> Any:
-  """Random masks with exactly round((1 - s_l) * n_l) active weights per sparse leaf.
+def host_random_masks(params: Any, sparsity: float,
+                      distribution: budgets.Distribution = "uniform", *,
+                      sparse_filter: tree_lib.SparseFilter = None, seed: int = 0) -> Any:
+  """:func:`random_masks` as numpy arrays, drawn on the host.
 
-  ``s_l`` comes from :func:`~sparseopt_jax.budgets.layer_sparsities`; the active
-  positions of each leaf are uniform at random, so per-neuron densities vary
-  binomially around ``1 - s_l`` as in RigL and SET.
+  Only the params' shapes are read, so this runs on traced or abstract params
+  too. Leaf i draws from ``numpy.random.default_rng((seed, i))``: a stream of
+  its own, independent of every other leaf's and of the topology stage's key.
   """
   keep = tree_lib.make_sparse_filter(sparse_filter)
   shapes = tree_lib.sparse_shapes(params, keep)
   counts = budgets.active_counts(shapes, budgets.layer_sparsities(shapes, sparsity, distribution))
-  key = jax.random.PRNGKey(seed)
   index = {path: i for i, path in enumerate(shapes)}
 
   def leaf_mask(p, x):
     path = tree_lib.path_str(p)
     if path not in shapes:
       return None
-    n = x.size
-    perm = jax.random.permutation(jax.random.fold_in(key, index[path]), n)
-    return (perm < counts[path]).reshape(x.shape)
+    n = math.prod(shapes[path])
+    rng = np.random.default_rng((seed, index[path]))
+    mask = np.zeros(n, bool)
+    mask[rng.choice(n, counts[path], replace=False)] = True
+    return mask.reshape(shapes[path])
 
   return jax.tree_util.tree_map_with_path(leaf_mask, params)
+
+
+def random_masks(params: Any, sparsity: float, distribution: budgets.Distribution = "uniform",
+                 *, sparse_filter: tree_lib.SparseFilter = None, seed: int = 0) -> Any:
+  """Random masks with exactly round((1 - s_l) * n_l) active weights per sparse leaf.
+
+  ``s_l`` comes from :func:`~sparseopt_jax.budgets.layer_sparsities`; the active
+  positions of each leaf are uniform at random, so per-neuron densities vary
+  binomially around ``1 - s_l`` as in RigL and SET. Drawn with numpy on the host
+  (:func:`host_random_masks`): no per-shape compilation, and the same masks
+  eagerly, under ``jax.jit`` and under ``jax.eval_shape``.
+  """
+  host = host_random_masks(params, sparsity, distribution, sparse_filter=sparse_filter, seed=seed)
+  return jax.tree.map(lambda m: None if m is None else jnp.asarray(m), host,
+                      is_leaf=tree_lib.is_none)
 
 
 def _owner_masks(state: Any) -> list[Any]:
@@ -176,16 +207,43 @@ def _mask_like_params(state: Any, params: Any, masks: Any) -> Any:
   return visit(state)
 
 
-def apply_updates(params: Any, updates: Any, state: Any) -> tuple[Any, Any]:
-  """``optax.apply_updates``, then re-mask the params and the optimizer state.
+def _needs_state_remask(state: Any) -> Any:
+  """Whether the masks changed in the last update (bool array), or False if they never do."""
+  owners = tuple(MASK_OWNERS)
+  found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, owners))
+           if isinstance(s, owners) and s.masks is not None]
+  return getattr(found[0], "changed", False) if len(found) == 1 else True
+
+
+def apply_updates(params: Any, updates: Any, state: Any, *,
+                  mask_update: bool | None = None) -> tuple[Any, Any]:
+  """``optax.apply_updates``, re-masking the params, and the optimizer state after a mask update.
 
   After it every pruned weight is exactly 0.0, and so is every entry for a
   pruned weight in any optimizer-state subtree shaped like the params (so a
   weight grown later starts from zero moments).
 
+  Why the state needs re-masking only after a mask update: the chain zeroes the
+  gradient of every pruned weight, and an element-wise optimizer (SGD momentum,
+  Adam, AdamW, Lion, ...; also under ``inject_hyperparams`` or ``MultiSteps``)
+  maps a zero gradient with zero state to zero state. Only dropping a weight
+  leaves state behind. So on an ordinary step only the params are masked, fused
+  with the update.
+
+  Args:
+    mask_update: None reads the state's record of whether the masks changed
+      (one ``lax.cond``); a Python bool, the same one given to ``tx.update``,
+      decides at trace time (no conditional: the host-scheduled step).
+
   Returns:
     ``(new_params, new_state)``.
   """
   masks = get_masks(state)
-  params = optax.apply_updates(params, updates)
-  return mask_updates(params, masks), _mask_like_params(state, params, masks)
+  params = mask_updates(optax.apply_updates(params, updates), masks)
+  remask = lambda s: _mask_like_params(s, params, masks)
+  if mask_update is None:
+    changed = _needs_state_remask(state)
+    if isinstance(changed, bool):
+      return params, remask(state) if changed else state
+    return params, jax.lax.cond(changed, remask, lambda s: s, state)
+  return params, remask(state) if mask_update else state

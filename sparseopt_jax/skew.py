@@ -34,11 +34,12 @@ class SkewState(NamedTuple):
   """State of :func:`skew_correct`.
 
   Attributes:
-    densities: per sparse leaf, the float32 vector d_i of the fixed masks given
-      at construction (None at dense leaves); None when the masks come from
-      ``update(..., masks=...)``.
+    density_factors: per sparse leaf, the float32 vector c_i = sqrt(d_i / mean_j
+      d_j) of the fixed masks given at construction (None at dense leaves); None
+      when the masks come from ``update(..., masks=...)`` or the factors from
+      ``update(..., density_factors=...)``.
   """
-  densities: Any
+  density_factors: Any
 
 
 def density_factors(densities: jax.Array) -> jax.Array:
@@ -46,6 +47,20 @@ def density_factors(densities: jax.Array) -> jax.Array:
   mean = jnp.mean(densities)
   safe = jnp.where(mean > 0, mean, 1.0)
   return jnp.where(mean > 0, jnp.sqrt(densities / safe), 0.0)
+
+
+def mask_density_factors(masks: Any, neuron_axis: int, xp: Any = jnp) -> Any:
+  """Per sparse leaf of ``masks``, c_i of the density rule from its per-neuron counts.
+
+  c_i = sqrt(d_i / mean_j d_j) = sqrt(count_i * n_neurons / n_active) for a
+  common fan-in; the same float32 operations in numpy (``xp=np``, at init) and
+  in XLA (after a mask update), so both give the same bits.
+  """
+  def leaf(m):
+    counts = xp.sum(m, axis=tree_lib.reduce_axes(m.ndim, neuron_axis), dtype=xp.int32)
+    total = xp.maximum(xp.sum(counts), 1).astype(xp.float32)
+    return xp.sqrt((counts * counts.shape[0]).astype(xp.float32) / total).astype(xp.float32)
+  return jax.tree.map(lambda m: None if m is None else leaf(m), masks, is_leaf=tree_lib.is_none)
 
 
 def bn_factors(variance: jax.Array, epsilon: float, floor: float) -> jax.Array:
@@ -115,29 +130,28 @@ def skew_correct(
     raise ValueError(f"bn_floor must be >= 0, got {bn_floor!r}")
   given = None if masks is None else masking.as_bool_masks(masks)
 
-  def densities_of(masks):
-    return jax.tree.map(lambda m: None if m is None else tree_lib.neuron_density(m, neuron_axis),
-                        masks, is_leaf=tree_lib.is_none)
-
   def init_fn(params):
     unknown = sorted(set(pairs) - set(tree_lib.leaf_paths(params)))
     if unknown:
       raise ValueError(f"bn_pairs names kernels that are not params: {unknown[:5]}; params "
                        f"paths look like {tree_lib.leaf_paths(params)[:3]}")
     if given is None:
-      return SkewState(densities=None)
+      return SkewState(density_factors=None)
     tree_lib.check_masks_like(given, params)
-    return SkewState(densities=densities_of(given))
+    return SkewState(density_factors=mask_density_factors(given, neuron_axis))
 
-  def update_fn(updates, state, params=None, *, masks=None, batch_stats=None, **extra_args):
+  def update_fn(updates, state, params=None, *, masks=None, density_factors=None,
+                batch_stats=None, **extra_args):
     del params, extra_args
-    if masks is not None:
-      densities = densities_of(masks)
-    elif state.densities is not None:
-      densities = state.densities
+    if density_factors is not None:
+      factors = density_factors
+    elif masks is not None:
+      factors = mask_density_factors(masks, neuron_axis)
+    elif state.density_factors is not None:
+      factors = state.density_factors
     else:
       raise ValueError("so.skew_correct() was built without masks, so update() needs the "
-                       "current masks as the keyword masks=...")
+                       "current masks as the keyword masks=... (or their density_factors=...)")
     variances = {}
     if mode == "bn":
       if batch_stats is None:
@@ -145,21 +159,19 @@ def skew_correct(
                          "tx.update(grads, state, params, batch_stats=variables['batch_stats'])")
       variances = _bn_variances(batch_stats, pairs)
 
-    def scale(p, d, u):
-      if d is None:
+    def scale(p, c, u):
+      if c is None:
         return u
       path = tree_lib.path_str(p)
       if path in variances:
         var = variances[path]
-        if var.shape != d.shape:
+        if var.shape != c.shape:
           raise ValueError(f"the BatchNorm {pairs[path]!r} has {var.shape[0]} features but "
-                           f"{path!r} has {d.shape[0]} neurons on axis {neuron_axis}")
+                           f"{path!r} has {c.shape[0]} neurons on axis {neuron_axis}")
         c = bn_factors(var, bn_epsilon, bn_floor)
-      else:
-        c = density_factors(d)
       return u * tree_lib.per_neuron(c, u.ndim, neuron_axis).astype(u.dtype)
 
-    updates = jax.tree_util.tree_map_with_path(scale, densities, updates,
+    updates = jax.tree_util.tree_map_with_path(scale, factors, updates,
                                                is_leaf=tree_lib.is_none)
     return updates, state
 

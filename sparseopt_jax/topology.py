@@ -9,14 +9,24 @@ with ``n`` active weights (Evci et al. 2020, RigL; Mocanu et al. 2018, SET):
     grow k weights that are inactive after the drop: largest |g| (RigL) or random (SET)
 
 so every leaf keeps exactly ``n`` active weights. A weight just dropped may be
-regrown. Ties are broken by tiny random noise drawn from the state's key, so a
-run is deterministic for a given seed.
+regrown. Candidates are ranked by (score, a random secondary key): exact ties
+in |w| or |g| (zeros, repeated values) fall in an order drawn from the state's
+key, the same for one seed and different across seeds, never index order. A
+leaf whose weights or gradients hold a NaN or an Inf keeps its mask on that
+step, so non-finite values never drive drop or growth.
 
 Mask-update step: the surviving weights take their ordinary update; dropped
 weights are zeroed; grown weights start at 0.0 with zero optimizer moments and
 take their first step on the next step. (Reference RigL skips the whole weight
 update on these steps; inside an optax chain that would still decay momentum,
 so survivors keep stepping here.)
+
+Scheduling: by default the stage decides in the graph whether a step updates
+the masks (``lax.cond``). On accelerators, where a conditional reads its
+predicate back to the host every step, pass ``update(..., mask_update=b)``
+with a Python bool from :func:`is_mask_update_step` instead and jit the step
+with ``mask_update`` static: the ordinary variant then holds no mask-update
+code at all, and the update variant runs without a conditional.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import optax
 from sparseopt_jax import budgets
 from sparseopt_jax.checks import check_choice, check_fraction, check_int
 from sparseopt_jax import masking
+from sparseopt_jax import skew as skew_lib
 from sparseopt_jax import tree as tree_lib
 
 TOPOLOGIES = ("rigl", "set", "static")
@@ -41,56 +52,112 @@ class TopologyState(NamedTuple):
   """State of :func:`topology_update`; it owns the masks of the chain.
 
   Attributes:
-    count: number of updates seen so far (int32); a mask update happens when it
-      is a positive multiple of ``update_every`` below ``end_step``.
-    key: PRNG key for tie-breaking and SET's random growth.
+    step: number of updates this stage has seen (int32); the update that sees
+      step t changes the masks iff :func:`is_mask_update_step` (t) holds.
+    key: PRNG key of the tie-breaking keys and of SET's random growth.
     masks: bool array per sparse leaf (True = active), None at dense leaves.
     ever_active: per sparse leaf, a packed bit per weight (``jnp.packbits``,
       1/8 byte per weight) marking weights active at any step since init; the
       exploration (ITOP) rate is its mean.
+    density_factors: per sparse leaf, the float32 vector c_i = sqrt(d_i / mean_j
+      d_j) of the current masks (``skew.mask_density_factors``), recomputed only when
+      the masks change, so that an ordinary step never reduces over the masks.
+    changed: whether the last update changed the masks (bool scalar); it tells
+      :func:`~sparseopt_jax.apply_updates` when the optimizer state needs
+      re-masking.
   """
-  count: jax.Array
+  step: jax.Array
   key: jax.Array
   masks: Any
   ever_active: Any
+  density_factors: Any
+  changed: jax.Array
 
 
 masking.MASK_OWNERS.append(TopologyState)
 
 
-def _jittered(magnitude: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
-  """``magnitude`` (float32, >= 0) plus noise that reorders only exact ties.
+def is_mask_update_step(step, *, update_every: int, end_step: int):
+  """Whether the update that sees ``step`` (0-based) changes the masks.
 
-  The noise is below half a unit in the last place of ``dtype``, so distinct
-  values keep their order; exact zeros become tiny distinct positives.
+  ``step > 0 and step % update_every == 0 and step < end_step``. Works on Python
+  ints (returns a bool: for choosing a compiled step variant on the host) and
+  on traced integers (returns a bool array: the in-graph schedule).
   """
-  u = jax.random.uniform(key, magnitude.shape, jnp.float32)
-  rel = 0.25 * float(jnp.finfo(dtype).eps)
-  return jnp.where(magnitude == 0, u * 1e-30, magnitude * (1.0 + u * rel))
+  due = (step > 0) & (step % update_every == 0) & (step < end_step)
+  return bool(due) if isinstance(step, (int, np.integer)) else due
 
 
-def _select(score: jax.Array, candidates: jax.Array, k: jax.Array, kmax: int) -> jax.Array:
-  """Bool vector marking the ``k`` best-scoring candidates (``k <= kmax``, static kmax)."""
-  _, idx = jax.lax.top_k(jnp.where(candidates, score, -jnp.inf), kmax)
-  return jnp.zeros(score.shape, bool).at[idx].set(jnp.arange(kmax) < k)
+_MIX = (np.uint32(0x7FEB352D), np.uint32(0x846CA68B))
 
 
-def _new_leaf_mask(mask, weight, grad, k, kmax, key, grow_random):
-  shape = mask.shape
-  mask, weight, grad = mask.reshape(-1), weight.reshape(-1), grad.reshape(-1)
-  k_drop, k_grow = jax.random.split(key)
-  drop_score = -_jittered(jnp.abs(weight).astype(jnp.float32), weight.dtype, k_drop)
-  kept = mask & ~_select(drop_score, mask, k, kmax)
+def _mix32(x: jax.Array) -> jax.Array:
+  """A bijection of uint32 that scatters neighbours (Wellons' ``lowbias32``)."""
+  x = x ^ (x >> 16)
+  x = x * _MIX[0]
+  x = x ^ (x >> 15)
+  x = x * _MIX[1]
+  return x ^ (x >> 16)
+
+
+def _random_keys(n: int, seed: jax.Array) -> jax.Array:
+  """n distinct pseudo-random uint32 keys, one per position, from a uint32 seed.
+
+  A counter-based hash rather than ``jax.random``: a few integer ops per weight
+  instead of Threefry's unrolled rounds (which made the mask-update branch ten
+  times larger to compile), and distinct by construction, since ``_mix32`` is a
+  bijection.
+  """
+  return _mix32(jnp.arange(n, dtype=jnp.uint32) + seed)
+
+
+def _as_int_key(keys: jax.Array) -> jax.Array:
+  """uint32 -> int32 preserving order (``lax.top_k`` ranks signed values)."""
+  return jax.lax.bitcast_convert_type(keys ^ np.uint32(0x80000000), jnp.int32)
+
+
+def _kth_largest(x: jax.Array, k: jax.Array, kmax: int) -> jax.Array:
+  values, _ = jax.lax.top_k(x, kmax)
+  return values[jnp.maximum(k, 1) - 1]
+
+
+def _select(score: jax.Array, candidates: jax.Array, k: jax.Array, kmax: int,
+            tie_keys: jax.Array) -> jax.Array:
+  """Bool vector marking the ``k`` candidates first in (score, tie key) order.
+
+  ``k <= kmax`` (static) and ``k`` <= the number of candidates. Every candidate
+  above the k-th score is taken; the ``r`` still needed come from those equal to
+  it, by largest tie key. Tie keys are distinct, so exactly ``k`` are taken.
+  """
+  low = -jnp.inf if jnp.issubdtype(score.dtype, jnp.floating) else jnp.iinfo(score.dtype).min
+  s = jnp.where(candidates, score, low)
+  threshold = _kth_largest(s, k, kmax)
+  above = s > threshold
+  tied = candidates & (s == threshold)
+  r = k - jnp.sum(above, dtype=jnp.int32)
+  ties = jnp.where(tied, _as_int_key(tie_keys), jnp.iinfo(jnp.int32).min)
+  return above | (tied & (ties >= _kth_largest(ties, r, kmax)) & (r > 0))
+
+
+def _new_leaf_mask(mask, weight, grad, seeds, *, k, kmax, grow_random):
+  """The leaf's mask after dropping and growing ``k`` weights (same shape, same count)."""
+  flat_mask = mask.reshape(-1)
+  w = weight.reshape(-1).astype(jnp.float32)
+  g = grad.reshape(-1).astype(jnp.float32)
+  n = flat_mask.shape[0]
+  dropped = _select(-jnp.abs(w), flat_mask, k, kmax, _random_keys(n, seeds[0]))
+  kept = flat_mask & ~dropped
   if grow_random:
-    grow_score = jax.random.uniform(k_grow, mask.shape)
+    grow_score = _as_int_key(_random_keys(n, seeds[2]))
   else:
-    grow_score = _jittered(jnp.abs(grad).astype(jnp.float32), grad.dtype, k_grow)
-  grown = _select(grow_score, ~kept, k, kmax)
-  return (kept | grown).reshape(shape)
+    grow_score = jnp.abs(g)
+  grown = _select(grow_score, ~kept, k, kmax, _random_keys(n, seeds[1]))
+  finite = jnp.all(jnp.isfinite(w)) & jnp.all(jnp.isfinite(g))
+  return jnp.where(finite, kept | grown, flat_mask).reshape(mask.shape)
 
 
-def _pack(mask: jax.Array) -> jax.Array:
-  return jnp.packbits(mask.reshape(-1))
+def _pack(mask: Any, xp: Any = jnp) -> Any:
+  return xp.packbits(mask.reshape(-1))
 
 
 def _unpack(bits: jax.Array, n: int) -> jax.Array:
@@ -117,6 +184,7 @@ def topology_update(
     drop_fraction: float = 0.3,
     end_step: int | None = None,
     seed: int = 0,
+    neuron_axis: int = -1,
 ) -> optax.GradientTransformationExtraArgs:
   """Own the masks, change them with RigL/SET, and zero the pruned gradients.
 
@@ -134,17 +202,24 @@ def topology_update(
       they override ``sparsity``, ``distribution`` and ``sparse_filter``.
     sparse_filter: which leaves are sparse: None (every leaf with ndim >= 2), a
       regex searched in the leaf path, or a callable ``(path, leaf) -> bool``.
-    update_every: Delta-T, steps between mask updates.
+    update_every: Delta-T, steps between mask updates. It counts this stage's
+      updates: under ``optax.MultiSteps(k)`` one per k micro-steps, so divide
+      ``update_every`` and ``end_step`` by k.
     drop_fraction: alpha, the fraction of active weights replaced at step 0,
       cosine-decayed to 0 at ``end_step``.
     end_step: no mask update at or after this step (about 0.75 of training);
       required unless ``topology="static"``.
-    seed: seed of the initial masks and of the update noise.
+    seed: seed of the initial masks and of the update's random keys.
+    neuron_axis: the neuron axis of every sparse leaf, for the cached
+      per-neuron density factors.
 
-  ``update(updates, state, params, *, grow_grads=None, **extra)``: ``params``
-  is required (drop ranks |w|); RigL ranks ``grow_grads`` if given, else the
-  updates it receives. Both must be dense, which they are when pruned weights
-  are stored as exact zeros.
+  ``update(updates, state, params, *, grow_grads=None, mask_update=None,
+  **extra)``: ``params`` is required (drop ranks |w|); RigL ranks
+  ``grow_grads`` if given, else the updates it receives. Both must be dense,
+  which they are when pruned weights are stored as exact zeros.
+  ``mask_update``: None decides in the graph; a Python bool (from
+  :func:`is_mask_update_step`) fixes the variant at trace time. With True the
+  masks still change only if the schedule says so.
   """
   check_choice("topology", topology, TOPOLOGIES)
   sparsity = budgets.check_sparsity(sparsity)
@@ -152,6 +227,7 @@ def topology_update(
   keep = tree_lib.make_sparse_filter(sparse_filter)
   update_every = check_int("update_every", update_every, 1)
   drop_fraction = check_fraction("drop_fraction", drop_fraction, closed=True)
+  tree_lib.check_neuron_axis(neuron_axis)
   if topology != "static":
     if end_step is None:
       raise ValueError(f"topology={topology!r} needs end_step (the step after which masks "
@@ -167,6 +243,24 @@ def topology_update(
   dynamic = topology != "static"
   schedule = optax.cosine_decay_schedule(drop_fraction, max(end_step or 1, 1))
 
+  def init_fn(params):
+    if given is not None:
+      tree_lib.check_masks_like(given, params)
+      host_masks = jax.tree.map(lambda m: None if m is None else np.asarray(m), given,
+                                is_leaf=tree_lib.is_none)
+    else:
+      host_masks = masking.host_random_masks(params, sparsity, distribution,
+                                             sparse_filter=keep, seed=seed)
+    to_device = lambda tree: jax.tree.map(lambda x: None if x is None else jnp.asarray(x), tree,
+                                          is_leaf=tree_lib.is_none)
+    return TopologyState(
+        step=jnp.zeros([], jnp.int32),
+        key=jax.random.fold_in(jax.random.PRNGKey(seed), 0x70B0),
+        masks=to_device(host_masks),
+        ever_active=to_device(jax.tree.map(lambda m: _pack(m, np), host_masks)),
+        density_factors=to_device(skew_lib.mask_density_factors(host_masks, neuron_axis, np)),
+        changed=jnp.zeros([], bool))
+
   def active_counts(params) -> dict[str, int]:
     """Per sparse leaf, its (constant) number of active weights; static."""
     if given_counts is not None:
@@ -174,29 +268,16 @@ def topology_update(
     shapes = tree_lib.sparse_shapes(params, keep)
     return budgets.active_counts(shapes, budgets.layer_sparsities(shapes, sparsity, distribution))
 
-  def init_fn(params):
-    if given is not None:
-      tree_lib.check_masks_like(given, params)
-      init_masks = given
-    else:
-      init_masks = masking.random_masks(params, sparsity, distribution,
-                                        sparse_filter=keep, seed=seed)
-    return TopologyState(
-        count=jnp.zeros([], jnp.int32),
-        key=jax.random.fold_in(jax.random.PRNGKey(seed), 1),
-        masks=init_masks,
-        ever_active=jax.tree.map(_pack, init_masks))
-
   def next_masks(state, params, grads):
+    """(masks, ever_active, density_factors) after a mask update at ``state.step``."""
     counts = active_counts(params)
-    f_t = schedule(state.count)
-    step_key = jax.random.fold_in(state.key, state.count)
-    paths = tree_lib.leaf_paths(jax.tree.map(lambda m: 0, state.masks, is_leaf=tree_lib.is_none))
-    flat_masks = jax.tree.leaves(state.masks, is_leaf=tree_lib.is_none)
-    flat_params = jax.tree.leaves(params)
-    flat_grads = jax.tree.leaves(grads)
+    f_t = schedule(state.step)
+    masks_flat, treedef = jax.tree.flatten(state.masks, is_leaf=tree_lib.is_none)
+    seeds = jax.random.bits(jax.random.fold_in(state.key, state.step),
+                            (len(masks_flat), 3), jnp.uint32)
     new = []
-    for i, (path, m, w, g) in enumerate(zip(paths, flat_masks, flat_params, flat_grads)):
+    for i, (path, m, w, g) in enumerate(zip(tree_lib.leaf_paths(params), masks_flat,
+                                            jax.tree.leaves(params), jax.tree.leaves(grads))):
       if m is None:
         new.append(None)
         continue
@@ -206,30 +287,49 @@ def topology_update(
         new.append(m)
         continue
       k = jnp.floor(f_t * n_active).astype(jnp.int32)
-      new.append(_new_leaf_mask(m, w, g, k, kmax, jax.random.fold_in(step_key, i),
+      new.append(_new_leaf_mask(m, w, g, seeds[i], k=k, kmax=kmax,
                                 grow_random=topology == "set"))
-    new_masks = jax.tree.unflatten(jax.tree.structure(state.masks, is_leaf=tree_lib.is_none), new)
+    new_masks = jax.tree.unflatten(treedef, new)
     ever = jax.tree.map(lambda bits, m: bits | _pack(m), state.ever_active, new_masks)
-    return new_masks, ever
+    factors = skew_lib.mask_density_factors(new_masks, neuron_axis)
+    return new_masks, ever, factors
 
-  def update_fn(updates, state, params=None, *, grow_grads=None, **extra_args):
+  def update_fn(updates, state, params=None, *, grow_grads=None, mask_update=None, **extra_args):
     del extra_args
-    masks = state.masks
-    if dynamic:
-      if params is None:
-        raise ValueError(f"topology_update({topology!r}) needs params in update() "
-                         "(the drop criterion ranks |w|)")
-      grads = updates if grow_grads is None else grow_grads
-      is_update = ((state.count > 0) & (state.count % update_every == 0)
-                   & (state.count < end_step))
-      masks, ever = jax.lax.cond(
-          is_update, next_masks, lambda s, p, g: (s.masks, s.ever_active), state, params, grads)
+    step = optax.safe_increment(state.step)
+    if not dynamic or mask_update is False:
+      return (masking.mask_updates(updates, state.masks),
+              state._replace(step=step, changed=jnp.zeros([], bool)))
+    if params is None:
+      raise ValueError(f"topology_update({topology!r}) needs params in update() "
+                       "(the drop criterion ranks |w|)")
+    if mask_update is not None and not isinstance(mask_update, bool):
+      raise ValueError("mask_update must be None (decide in the graph) or a Python bool "
+                       f"(a static choice of the compiled variant), got {mask_update!r}")
+    grads = updates if grow_grads is None else grow_grads
+    due = is_mask_update_step(state.step, update_every=update_every, end_step=end_step)
+
+    def change(state, params, grads, updates):
+      masks, ever, factors = next_masks(state, params, grads)
+      if mask_update:  # the host chose this variant: still follow the schedule
+        masks = jax.tree.map(lambda new, old: jnp.where(due, new, old), masks, state.masks)
+        factors = jax.tree.map(lambda new, old: jnp.where(due, new, old), factors,
+                               state.density_factors)
       # Survivors only: dropped weights get no step, grown ones start at zero.
-      keep_mask = jax.tree.map(jnp.logical_and, state.masks, masks)
-      state = state._replace(masks=masks, ever_active=ever)
+      survivors = jax.tree.map(jnp.logical_and, state.masks, masks)
+      return masks, ever, factors, masking.mask_updates(updates, survivors)
+
+    def keep_masks(state, params, grads, updates):
+      del params, grads
+      return (state.masks, state.ever_active, state.density_factors,
+              masking.mask_updates(updates, state.masks))
+
+    if mask_update:
+      masks, ever, factors, updates = change(state, params, grads, updates)
     else:
-      keep_mask = masks
-    updates = masking.mask_updates(updates, keep_mask)
-    return updates, state._replace(count=optax.safe_increment(state.count))
+      masks, ever, factors, updates = jax.lax.cond(due, change, keep_masks, state, params, grads,
+                                                   updates)
+    return updates, TopologyState(step=step, key=state.key, masks=masks, ever_active=ever,
+                                  density_factors=factors, changed=due)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -14,6 +14,7 @@ shard of the data.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -53,6 +54,17 @@ class Setup:
   num_steps: int
   steps_per_epoch: int
   bn_pairs: dict
+
+  @property
+  def end_step(self) -> int:
+    return int(self.config.end_fraction * self.num_steps)
+
+  def is_mask_update(self, step: int) -> bool:
+    """Whether the train step that starts from ``state.step == step`` updates the masks."""
+    cfg = self.config
+    if cfg.dense or cfg.topology == "static":
+      return False
+    return so.is_mask_update_step(step, update_every=cfg.update_every, end_step=self.end_step)
 
 
 # ---------------------------------------------------------------------------
@@ -108,7 +120,7 @@ def create_train_state(setup: Setup, image_shape: tuple[int, ...]) -> TrainState
   variables = jax.jit(functools.partial(setup.model.init, train=True))(
       key, jnp.zeros((1, *image_shape), jnp.float32))
   params = variables["params"]
-  opt_state = jax.jit(setup.tx.init)(params)  # one compile for every leaf's random mask
+  opt_state = setup.tx.init(params)  # masks drawn with numpy on the host: no compile
   if not setup.config.dense:
     params = so.apply_masks(params, opt_state)
   return TrainState(step=jnp.zeros([], jnp.int32), params=params,
@@ -132,19 +144,31 @@ def _loss(model, label_smoothing, params, batch_stats, batch, train):
 
 
 def make_train_step(setup: Setup):
-  """``train_step(state, batch) -> (state, {'loss', 'accuracy'})``."""
-  model, tx, cfg = setup.model, setup.tx, setup.config
-  apply = ((lambda p, u, s: (optax.apply_updates(p, u), s)) if cfg.dense else so.apply_updates)
+  """``train_step(state, batch, mask_update=None) -> (state, {'loss', 'accuracy'})``.
 
-  def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+  ``mask_update``: None lets the optimizer decide in the graph whether this step
+  updates the masks; a Python bool (``setup.is_mask_update(state.step)``),
+  static under jit, selects one of two compiled variants instead, which is what
+  the training loop does (no conditional on the device).
+  """
+  model, tx, cfg = setup.model, setup.tx, setup.config
+
+  def train_step(state: TrainState, batch, mask_update: bool | None = None
+                 ) -> tuple[TrainState, dict]:
     def loss_fn(params):
       losses, correct, stats = _loss(model, cfg.label_smoothing, params, state.batch_stats,
                                      batch, train=True)
       return losses.mean(), (correct.mean(), stats)
 
     (loss, (acc, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, batch_stats=stats)
-    params, opt_state = apply(state.params, updates, opt_state)
+    if cfg.dense:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+    else:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params, batch_stats=stats,
+                                     mask_update=mask_update)
+      params, opt_state = so.apply_updates(state.params, updates, opt_state,
+                                           mask_update=mask_update)
     return (TrainState(step=state.step + 1, params=params, batch_stats=stats,
                        opt_state=opt_state), {"loss": loss, "accuracy": acc})
 
@@ -208,12 +232,42 @@ def jit_steps(setup: Setup, mesh: jax.sharding.Mesh):
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
   train = jax.jit(make_train_step(setup), in_shardings=(replicated, batch_sharding),
-                  out_shardings=(replicated, replicated), donate_argnums=0)
+                  out_shardings=(replicated, replicated), donate_argnums=0,
+                  static_argnums=2)
   evaluate = jax.jit(make_eval_step(setup), in_shardings=(replicated, batch_sharding),
                      out_shardings=replicated)
   probe = None if setup.config.dense else jax.jit(
       make_skew_probe(setup), in_shardings=(replicated, batch_sharding), out_shardings=replicated)
   return train, evaluate, probe
+
+
+class HostScheduledStep:
+  """The train step as two compiled variants, chosen on the host each step.
+
+  ``step(state, batch, mask_update)`` runs the ordinary variant (no mask-update
+  code, no conditional) or the mask-update one. Both are compiled ahead of
+  time from the first call's arguments; the update variant compiles in a
+  background thread, so that the first steps do not wait for it.
+  """
+
+  def __init__(self, jitted: Any):
+    self._jitted = jitted
+    self._variants: dict[bool, Any] = {}
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+  def compile(self, state: TrainState, batch: dict, *, update_variant: bool = True) -> None:
+    if False not in self._variants:
+      self._variants[False] = self._jitted.lower(state, batch, False).compile()
+    if update_variant and True not in self._variants:
+      lowered = self._jitted.lower(state, batch, True)
+      self._variants[True] = self._pool.submit(lowered.compile)
+
+  def __call__(self, state: TrainState, batch: dict, mask_update: bool):
+    self.compile(state, batch, update_variant=mask_update)
+    variant = self._variants[bool(mask_update)]
+    if isinstance(variant, concurrent.futures.Future):
+      variant = self._variants[True] = variant.result()
+    return variant(state, batch)
 
 
 def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
@@ -269,7 +323,9 @@ def run(cfg: presets.TrainConfig, workdir: str, *, resume: bool = False,
   if resume and ckpt.latest_step() is not None:
     state = ckpt.restore(state)
   start = int(state.step)
-  train_step, eval_step, probe = jit_steps(setup, mesh)
+  train_jit, eval_step, probe = jit_steps(setup, mesh)
+  train_step = HostScheduledStep(train_jit)
+  dynamic = not cfg.dense and cfg.topology != "static" and start < setup.end_step
   batches = dataset.train_batches(local_batch, seed=cfg.seed, start_step=start)
   last_step = setup.num_steps if stop_at is None else min(stop_at, setup.num_steps)
 
@@ -280,7 +336,8 @@ def run(cfg: presets.TrainConfig, workdir: str, *, resume: bool = False,
   t_start, seen_images, t_mark = time.time(), 0, time.time()
   for step in range(start + 1, last_step + 1):
     batch = shard_batch(next(batches), mesh)
-    state, metrics = train_step(state, batch)
+    train_step.compile(state, batch, update_variant=dynamic)
+    state, metrics = train_step(state, batch, setup.is_mask_update(step - 1))
     pending.append(metrics)
     seen_images += cfg.batch_size
     if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == last_step:

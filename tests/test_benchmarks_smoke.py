@@ -31,13 +31,20 @@ def test_step_cost_smoke(tmp_path):
     padding = row["sparse_leaves"] / row["sparse_weights"]
     assert row["mask_and_exploration_bytes_per_sparse_weight"] <= 1.125 + padding, name
     assert abs(row["realised_sparsity"] - 0.9) < 0.01, name
-  # Dense SGD keeps one momentum per weight; SparseOpt adds masks and exploration bits only.
+  # Dense SGD keeps one momentum per weight; SparseOpt adds masks, exploration bits and
+  # one cached float32 factor per neuron.
   dense = arms["dense_sgd"]["opt_state_bytes_per_weight"]
   assert 4.0 <= dense < 4.01
-  assert arms["static"]["opt_state_bytes_per_weight"] <= dense + 1.125 + 0.01
+  static = arms["static"]
+  assert static["opt_state_bytes_per_weight"] <= (
+      dense + 1.125 + static["density_factor_bytes_per_weight"] + 0.01)
+  # The host-scheduled ordinary step holds no conditional; the update variant is compiled apart.
+  for name in ("dense_sgd", "static", "rigl", "rigl_update"):
+    assert arms[name]["step_hlo"]["conditionals"] == 0, name
   summary = res["summary"]
   for key in ("static_ordinary_ratio", "rigl_ordinary_ratio", "rigl_update_ratio",
-              "rigl_amortised_ratio"):
+              "rigl_amortised_ratio", "tx_init_over_model_init", "compile_ratio_ordinary",
+              "compile_ratio_update_variant"):
     assert summary[key] > 0, key
 
 

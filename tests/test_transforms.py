@@ -144,7 +144,7 @@ def test_composite_equals_stages_chained_by_hand(small_net, grow_with):
     @staticmethod
     def update(grads, state, params, **extra):
       ss, ts, ms, os = state
-      u, ss = skew.update(grads, ss, params, masks=ts.masks)
+      u, ss = skew.update(grads, ss, params, density_factors=ts.density_factors)
       u, ts = topo.update(u, ts, params, grow_grads=grads if grow_with == "raw" else None)
       u, ms = mask.update(u, ms, params, masks=ts.masks)
       u, os = sgd.update(u, os, params)
@@ -162,6 +162,9 @@ def test_composite_equals_stages_chained_by_hand(small_net, grow_with):
   chex.assert_trees_all_equal(pc, ph)
   chex.assert_trees_all_equal(so.get_masks(sc), sh[1].masks)
   assert not _tree_equal(so.get_masks(sc), so.get_masks(composite.init(variables["params"])))
+  # The factors cached in the state are those of the masks after all the updates.
+  chex.assert_trees_all_close(sc[0].topology.density_factors,
+                              so.skew.mask_density_factors(so.get_masks(sc), -1), rtol=1e-6)
 
 
 def test_grow_with_changes_the_grown_weights(small_net):
@@ -263,7 +266,7 @@ def test_no_retrace_over_50_steps_and_extra_kwargs_ignored(small_net):
   for i in range(50):
     params, state = step(params, state, _random_like(params, i))
   assert len(traces) == 1
-  assert int(state[0].topology.count) == 50
+  assert int(state[0].topology.step) == 50
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
