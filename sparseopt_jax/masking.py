@@ -240,10 +240,19 @@ def apply_updates(params: Any, updates: Any, state: Any, *,
   """
   masks = get_masks(state)
   params = mask_updates(optax.apply_updates(params, updates), masks)
+  return params, remask_state(state, params, masks, mask_update)
+
+
+def remask_state(state: Any, params: Any, masks: Any, mask_update: bool | None = None) -> Any:
+  """Zero the pruned entries of the params-shaped subtrees of ``state`` if the masks changed.
+
+  ``mask_update`` as in :func:`apply_updates`: None reads the state's record (a
+  ``lax.cond``), a Python bool decides at trace time.
+  """
   remask = lambda s: _mask_like_params(s, params, masks)
   if mask_update is None:
     changed = _needs_state_remask(state)
     if isinstance(changed, bool):
-      return params, remask(state) if changed else state
-    return params, jax.lax.cond(changed, remask, lambda s: s, state)
-  return params, remask(state) if mask_update else state
+      return remask(state) if changed else state
+    return jax.lax.cond(changed, remask, lambda s: s, state)
+  return remask(state) if mask_update else state

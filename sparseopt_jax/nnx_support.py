@@ -48,21 +48,26 @@ def nnx_batch_stats(model: Any, filter: Any = nnx.BatchStat) -> nnx.State:
   return nnx.as_pure(nnx.state(model, filter))
 
 
-def remask(model: Any, optimizer: nnx.Optimizer) -> None:
+def remask(model: Any, optimizer: nnx.Optimizer, *, mask_update: bool | None = True) -> None:
   """Zero the pruned weights of ``model`` and their entries in ``optimizer.opt_state``.
 
   Call it after ``optimizer.update(model, grads)`` of a plain ``nnx.Optimizer``
   whose ``tx`` holds a SparseOpt stage (``so.sparseopt``, ``so.topology_update``
   or ``so.mask(masks)``), and once after building it. :class:`SparseOptimizer`
   calls it for you. Works eagerly and inside ``nnx.jit``; mutates in place.
+
+  ``mask_update``: True re-masks the optimizer state too; None only if the
+  masks changed in the last update (as :func:`~sparseopt_jax.apply_updates`);
+  False (an ordinary host-scheduled step) re-masks the params alone.
   """
   graph = getattr(optimizer, "graph", None)
   params = nnx.as_pure(nnx.state(model, optimizer.wrt, graph=graph))
   opt_state = nnx.as_pure(optimizer.opt_state)
   masks = masking.get_masks(opt_state)
   nnx.update(model, masking.apply_masks(params, masks))
-  new_opt_state = masking._mask_like_params(opt_state, params, masks)
-  nnx.update(optimizer.opt_state, nnx.state(new_opt_state, graph=graph))
+  if mask_update is not False:
+    new_opt_state = masking.remask_state(opt_state, params, masks, mask_update)
+    nnx.update(optimizer.opt_state, nnx.state(new_opt_state, graph=graph))
 
 
 def _init_on_arrays(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
@@ -94,6 +99,7 @@ class SparseOptimizer(nnx.Optimizer):
     remask(model, self)
 
   def update(self, model: Any, grads: Any, /, **kwargs) -> optax.Updates:
+    """``nnx.Optimizer.update``, then :func:`remask`; ``mask_update=`` goes to both."""
     updates = super().update(model, grads, **kwargs)
-    remask(model, self)
+    remask(model, self, mask_update=kwargs.get("mask_update"))
     return updates

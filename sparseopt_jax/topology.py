@@ -135,8 +135,13 @@ def _select(score: jax.Array, candidates: jax.Array, k: jax.Array, kmax: int,
   above = s > threshold
   tied = candidates & (s == threshold)
   r = k - jnp.sum(above, dtype=jnp.int32)
-  ties = jnp.where(tied, _as_int_key(tie_keys), jnp.iinfo(jnp.int32).min)
-  return above | (tied & (ties >= _kth_largest(ties, r, kmax)) & (r > 0))
+
+  def break_ties():
+    ties = jnp.where(tied, _as_int_key(tie_keys), jnp.iinfo(jnp.int32).min)
+    return tied & (ties >= _kth_largest(ties, r, kmax)) & (r > 0)
+
+  # Continuous scores rarely tie at the threshold: rank the ties only when some must lose.
+  return above | jax.lax.cond(jnp.sum(tied, dtype=jnp.int32) > r, break_ties, lambda: tied)
 
 
 def _new_leaf_mask(mask, weight, grad, seeds, *, k, kmax, grow_random):
