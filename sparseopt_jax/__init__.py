@@ -11,6 +11,7 @@ from sparseopt_jax.diagnostics import leaf_skew_slope, skew_slope, sparsity_summ
 from sparseopt_jax.masking import (MaskState, apply_masks, apply_updates, get_masks, mask,
                                    random_masks)
 from sparseopt_jax.nnx_support import SparseOptimizer, nnx_batch_stats, remask
+from sparseopt_jax.sharding import state_shardings
 from sparseopt_jax.skew import SkewState, skew_correct
 from sparseopt_jax.topology import TopologyState, is_mask_update_step, topology_update
 
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MaskState", "SkewState", "SparseOptState", "TopologyState", "active_counts",
     "apply_masks", "apply_updates", "get_masks", "is_mask_update_step", "layer_sparsities", "leaf_skew_slope", "mask",
-    "random_masks", "skew_correct", "skew_slope", "sparseopt", "sparsity_summary",
+    "random_masks", "skew_correct", "skew_slope", "sparseopt", "sparsity_summary", "state_shardings",
     "topology_update",
     "SparseOptimizer", "nnx_batch_stats", "remask",
 ]

@@ -82,6 +82,8 @@ def mask(masks: Any = None) -> optax.GradientTransformationExtraArgs:
 
   def init_fn(params):
     if given is not None:
+      if tree_lib.is_params_placeholder(params):
+        return MaskState(masks=tree_lib.NOT_PARAMS)
       tree_lib.check_masks_like(given, params)
     return MaskState(masks=given)
 

@@ -131,6 +131,8 @@ def skew_correct(
   given = None if masks is None else masking.as_bool_masks(masks)
 
   def init_fn(params):
+    if tree_lib.is_params_placeholder(params):
+      return SkewState(density_factors=None if given is None else tree_lib.NOT_PARAMS)
     unknown = sorted(set(pairs) - set(tree_lib.leaf_paths(params)))
     if unknown:
       raise ValueError(f"bn_pairs names kernels that are not params: {unknown[:5]}; params "

@@ -144,11 +144,24 @@ def _select(score: jax.Array, candidates: jax.Array, k: jax.Array, kmax: int,
   return above | jax.lax.cond(jnp.sum(tied, dtype=jnp.int32) > r, break_ties, lambda: tied)
 
 
+def _explicit_spec(x: jax.Array) -> Any:
+  """The PartitionSpec of ``x`` if it is sharded over explicit mesh axes, else None."""
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return spec if spec is not None and any(s is not None for s in spec) else None
+
+
+def _flat(x: jax.Array) -> jax.Array:
+  """``x.reshape(-1)``; explicitly sharded leaves are gathered first (top-k needs the whole leaf)."""
+  if _explicit_spec(x) is not None:
+    x = jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+  return x.reshape(-1)
+
+
 def _new_leaf_mask(mask, weight, grad, seeds, *, k, kmax, grow_random):
   """The leaf's mask after dropping and growing ``k`` weights (same shape, same count)."""
-  flat_mask = mask.reshape(-1)
-  w = weight.reshape(-1).astype(jnp.float32)
-  g = grad.reshape(-1).astype(jnp.float32)
+  flat_mask = _flat(mask)
+  w = _flat(weight).astype(jnp.float32)
+  g = _flat(grad).astype(jnp.float32)
   n = flat_mask.shape[0]
   dropped = _select(-jnp.abs(w), flat_mask, k, kmax, _random_keys(n, seeds[0]))
   kept = flat_mask & ~dropped
@@ -158,11 +171,13 @@ def _new_leaf_mask(mask, weight, grad, seeds, *, k, kmax, grow_random):
     grow_score = jnp.abs(g)
   grown = _select(grow_score, ~kept, k, kmax, _random_keys(n, seeds[1]))
   finite = jnp.all(jnp.isfinite(w)) & jnp.all(jnp.isfinite(g))
-  return jnp.where(finite, kept | grown, flat_mask).reshape(mask.shape)
+  out = jnp.where(finite, kept | grown, flat_mask).reshape(mask.shape)
+  spec = _explicit_spec(mask)
+  return out if spec is None else jax.sharding.reshard(out, spec)
 
 
 def _pack(mask: Any, xp: Any = jnp) -> Any:
-  return xp.packbits(mask.reshape(-1))
+  return xp.packbits(mask.reshape(-1) if xp is np else _flat(mask))
 
 
 def _unpack(bits: jax.Array, n: int) -> jax.Array:
@@ -249,6 +264,10 @@ def topology_update(
   schedule = optax.cosine_decay_schedule(drop_fraction, max(end_step or 1, 1))
 
   def init_fn(params):
+    if tree_lib.is_params_placeholder(params):
+      return TopologyState(step=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(0),
+                           masks=tree_lib.NOT_PARAMS, ever_active=tree_lib.NOT_PARAMS,
+                           density_factors=tree_lib.NOT_PARAMS, changed=jnp.zeros([], bool))
     if given is not None:
       tree_lib.check_masks_like(given, params)
       host_masks = jax.tree.map(lambda m: None if m is None else np.asarray(m), given,

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SparseFilter = Callable[[str, Any], bool] | str | None
 
@@ -38,6 +39,19 @@ def leaf_paths(tree: Any) -> list[str]:
 
 def is_none(x: Any) -> bool:
   return x is None
+
+
+# What a stage's state holds where the real state holds masks or per-neuron factors, when
+# ``init`` is called on optax.tree_utils.tree_map_params' stand-in for the params: a leaf,
+# so that tree_map_params hands the real subtree to ``transform_non_params`` rather than
+# mapping the params' shardings over it (masks have None at dense leaves; the packed
+# exploration bits are not params-shaped at all).
+NOT_PARAMS = np.zeros((), bool)
+
+
+def is_params_placeholder(params: Any) -> bool:
+  """Whether ``params`` is optax.tree_utils.tree_map_params' stand-in for the params."""
+  return type(params).__name__ == "_ParamsPlaceholder"
 
 
 def map_with_masks(fn: Callable, masks: Any, *trees: Any) -> Any:

@@ -38,8 +38,9 @@ def test_step_cost_smoke(tmp_path):
   static = arms["static"]
   assert static["opt_state_bytes_per_weight"] <= (
       dense + 1.125 + static["density_factor_bytes_per_weight"] + 0.01)
-  # The host-scheduled ordinary step holds no conditional; the update variant is compiled apart.
-  for name in ("dense_sgd", "static", "rigl", "rigl_update"):
+  # The host-scheduled ordinary step holds no conditional (the update variant, compiled
+  # apart, has one per leaf and selection, to rank exact ties only where some must lose).
+  for name in ("dense_sgd", "static", "rigl"):
     assert arms[name]["step_hlo"]["conditionals"] == 0, name
   summary = res["summary"]
   for key in ("static_ordinary_ratio", "rigl_ordinary_ratio", "rigl_update_ratio",
