@@ -1,6 +1,7 @@
-"""Data-parallel scaling of the SparseOpt train step over 1, 2, 4 and 8 devices.
+"""Scaling of the SparseOpt train step: data parallel over 1, 2, 4 and 8 devices, and
+8 devices with the kernels' output axes sharded over a 'model' axis too.
 
-    python benchmarks/scaling.py                                 # 1/2/4/8 devices, 32 per device
+    python benchmarks/scaling.py                                 # 1/2/4/8 devices and 2x4, 32 per device
     python benchmarks/scaling.py --devices 1 2 --per-device-batch 64
     python benchmarks/scaling.py --smoke --out /tmp/scaling      # tiny, < 1 minute
 
@@ -8,7 +9,8 @@ What is timed is the training program's own jitted step
 (``train.jit_steps(setup, train.make_mesh(n))``: ResNet-20 on Fashion-MNIST,
 ``chain(sparseopt(rigl, skew='density'), add_decayed_weights, sgd)``, batch
 sharded on the mesh's ``'data'`` axis, state replicated and donated, BatchNorm
-over the global batch) at a fixed per-device batch, so the global batch is
+over the global batch, mask updates host-scheduled as in the training loop) at a
+fixed per-device batch, so the global batch is
 ``n * --per-device-batch``. Each step is timed on its own: the batch is built
 and sharded (``train.shard_batch``) before the clock starts, and the clock stops
 at ``jax.block_until_ready`` of the new state. After ``--warmup`` untimed steps
@@ -17,6 +19,12 @@ time of the ordinary steps, images/s = global batch x steps/s. Mask updates run
 every ``--update-every`` steps (so the agreement check below covers them); their
 median time is reported separately and does not enter the median of the
 ordinary steps.
+
+Model parallel (``--model-parallel M``): the largest device count as a (n/M data,
+M model) mesh; every conv and dense kernel whose output axis divides by M is
+sharded on it (``train.param_spec``), and its masks, moments and density factors
+with it (``train.state_shardings``, ``so.state_shardings``); the global batch is
+the same as the data-parallel row of that count.
 
 Agreement: for every n > 1, the params, BatchNorm statistics and masks after
 each of the first ``--check-steps`` steps on n devices are compared with a
@@ -138,24 +146,42 @@ def compare(a: dict, b: dict, before: dict | None = None) -> dict:
   return out
 
 
-def is_mask_update(i: int, update_every: int, end_step: int) -> bool:
+class Layout:
+  """A mesh of ``devices`` devices, ``model_parallel`` of them on the 'model' axis, and the
+  training program's steps and state shardings on it."""
+
+  def __init__(self, setup: train.Setup, host_state: train.TrainState, devices: int,
+               model_parallel: int = 1):
+    self.setup, self.devices, self.model_parallel = setup, devices, model_parallel
+    self.mesh = train.make_mesh(devices, model_parallel)
+    self.shardings = train.state_shardings(setup, self.mesh, host_state)
+    self.step = train.HostScheduledStep(train.jit_steps(setup, self.mesh, self.shardings)[0])
+
+  @property
+  def name(self) -> str:
+    return (str(self.devices) if self.model_parallel == 1 else
+            f"{self.devices} ({self.devices // self.model_parallel} data x "
+            f"{self.model_parallel} model)")
+
+
+def is_mask_update(setup: train.Setup, i: int) -> bool:
   """Whether the i-th call (1-based) of the train step updates the masks."""
-  t = i - 1  # the optimizer's step count when that call starts
-  return t > 0 and t % update_every == 0 and t < end_step
+  return setup.is_mask_update(i - 1)
 
 
-def run_steps(train_step, host_state, mesh, dataset, global_batch: int, seed: int, n_steps: int,
+def run_steps(layout: Layout, host_state, dataset, global_batch: int, seed: int, n_steps: int,
               snap_steps: int = 0, log=None) -> tuple[list[float], list[dict]]:
-  """``n_steps`` steps from ``host_state``: per-step seconds, and snapshots after each of the
-  first ``snap_steps`` steps."""
-  state = jax.device_put(host_state, NamedSharding(mesh, P()))
+  """``n_steps`` steps from ``host_state``, as the training loop runs them (host-scheduled
+  mask updates): per-step seconds, and snapshots after each of the first ``snap_steps``."""
+  mesh = layout.mesh
+  state = jax.device_put(host_state, layout.shardings)
   stream = dataset.train_batches(global_batch // jax.process_count(), seed=seed)
   times, snaps = [], []
   for i in range(1, n_steps + 1):
     batch = train.shard_batch(next(stream), mesh)
     jax.block_until_ready(batch)
     t0 = time.perf_counter()
-    state, _ = train_step(state, batch)
+    state, _ = layout.step(state, batch, is_mask_update(layout.setup, i))
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t0)
     if i <= snap_steps:
@@ -191,7 +217,7 @@ def markdown(results: dict) -> str:
   for r in results["rows"]:
     mu = r["mask_update_step_s_median"]
     lines.append(
-        f"| {r['devices']} | {r['global_batch']} | {1e3 * r['step_s_median']:.1f} | "
+        f"| {r.get('layout', r['devices'])} | {r['global_batch']} | {1e3 * r['step_s_median']:.1f} | "
         f"{r['steps_per_s']:.2f} | {r['images_per_s']:.0f} | {r['speedup_images_per_s']:.2f} | "
         f"{'-' if mu is None else f'{1e3 * mu:.1f}'} | {r['compile_s']:.1f} |")
   lines += ["", *[f"- {n}" for n in results["notes"]],
@@ -216,7 +242,7 @@ def markdown(results: dict) -> str:
         worst = (st["params_worst_leaf"] if st["params_max_abs_diff"]
                  >= st["batch_stats_max_abs_diff"] else st["batch_stats_worst_leaf"])
         lines.append(
-            f"| {r['devices']} | {st['step']}{' (mask update)' if st['mask_update'] else ''} | "
+            f"| {r.get('layout', r['devices'])} | {st['step']}{' (mask update)' if st['mask_update'] else ''} | "
             f"{st['params_max_abs_diff']:.2e} | {st['batch_stats_max_abs_diff']:.2e} | "
             f"{outside} ({worst.removesuffix('/kernel')}) | "
             f"{'yes' if st['allclose'] else 'no'} | {st['params_update_rel_diff']:.1e} | "
@@ -232,10 +258,14 @@ def plot(results: dict, path: str) -> str:
   import matplotlib.pyplot as plt
   import matplotlib.ticker
 
-  rows = results["rows"]
+  rows = [r for r in results["rows"] if r.get("model_parallel", 1) == 1]
   n = [r["devices"] for r in rows]
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-  ax1.plot(n, [r["images_per_s"] for r in rows], marker="o", label="measured")
+  ax1.plot(n, [r["images_per_s"] for r in rows], marker="o", label="measured (data parallel)")
+  for r in results["rows"]:
+    if r.get("model_parallel", 1) > 1:
+      ax1.plot([r["devices"]], [r["images_per_s"]], marker="x", ls="", markersize=9,
+               label=r["layout"])
   base = rows[0]["images_per_s"] / rows[0]["devices"]
   ax1.plot(n, [base * k for k in n], ls="--", color="grey", label="linear from the first")
   ax1.set_xscale("log", base=2)
@@ -246,13 +276,13 @@ def plot(results: dict, path: str) -> str:
                 "images per device", fontsize=10)
   ax1.grid(alpha=0.3)
   ax1.legend(fontsize=8)
-  checked = [r for r in rows if r.get("agreement")]
+  checked = [r for r in results["rows"] if r.get("agreement")]
   for i, r in enumerate(checked):
     per = r["agreement"]["per_step"]
     steps = [st["step"] for st in per]
     colour = f"C{i}"
     ax2.plot(steps, [max(st["params_max_abs_diff"], 1e-12) for st in per], marker="o",
-             color=colour, label=f"{r['devices']} devices vs 1")
+             color=colour, label=f"{r.get('layout', r['devices'])} devices vs 1")
     ax2.plot(steps, [max(st["floor_params_max_abs_diff"], 1e-12) for st in per], ls=":",
              marker=".", color=colour, label=f"1 device, params 1 ulp off (batch {r['global_batch']})")
   if checked:
@@ -278,6 +308,9 @@ def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--devices", type=int, nargs="+", default=None,
                  help="device counts (default 1 2 4 8; smoke 1 2)")
+  p.add_argument("--model-parallel", type=int, nargs="*", default=None,
+                 help="also run the largest device count with this many devices on the "
+                      "'model' axis (kernels' output axes sharded); default 4, smoke none")
   p.add_argument("--per-device-batch", type=int, default=None, help="default 32; smoke 2")
   p.add_argument("--rounds", type=int, default=None, help="timed steps (default 20; smoke 2)")
   p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2; smoke 1)")
@@ -301,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
   smoke = args.smoke
   pick = lambda value, full, tiny: value if value is not None else (tiny if smoke else full)
   args.devices = pick(args.devices, [1, 2, 4, 8], [1, 2])
+  args.model_parallel = pick(args.model_parallel, [4], [])
   args.per_device_batch = pick(args.per_device_batch, 32, 2)
   args.rounds = pick(args.rounds, 20, 2)
   args.warmup = pick(args.warmup, 2, 1)
@@ -328,22 +362,26 @@ def main(argv: list[str] | None = None) -> dict:
   host_init = jax.device_get(train.create_train_state(setup, dataset.info.image_shape))
   n_steps = max(args.warmup + args.rounds, args.check_steps)
 
-  rows, snaps, steps_for = [], {}, {}
-  for n in counts:
-    mesh = train.make_mesh(n)
+  # Data parallelism over each count, then the largest count with its kernels' output
+  # axes sharded over a 'model' axis too (params, masks, moments and density factors).
+  layouts = [(n, 1) for n in counts] + [
+      (counts[-1], m) for m in args.model_parallel if 1 < m < counts[-1] and counts[-1] % m == 0]
+  rows, snaps, layout_of = [], {}, {}
+  for n, m in layouts:
+    layout = Layout(setup, host_init, n, m)
     global_batch = args.per_device_batch * n
-    train.check_batch_size(global_batch, mesh)
-    train_step = train.jit_steps(setup, mesh)[0]
-    steps_for[n] = (train_step, mesh)
-    log(f"== {n} device(s), global batch {global_batch}: {n_steps} steps")
-    times, snaps[n] = run_steps(train_step, host_init, mesh, dataset, global_batch, cfg.seed,
-                                n_steps, snap_steps=args.check_steps, log=log)
+    train.check_batch_size(global_batch, layout.mesh)
+    layout_of[n, m] = layout
+    log(f"== {layout.name} device(s), global batch {global_batch}: {n_steps} steps")
+    times, snaps[n, m] = run_steps(layout, host_init, dataset, global_batch, cfg.seed,
+                                   n_steps, snap_steps=args.check_steps, log=log)
     timed = list(enumerate(times, start=1))[args.warmup:]
-    ordinary = [t for i, t in timed if not is_mask_update(i, cfg.update_every, end_step)]
-    updates = [t for i, t in timed if is_mask_update(i, cfg.update_every, end_step)]
+    ordinary = [t for i, t in timed if not is_mask_update(setup, i)]
+    updates = [t for i, t in timed if is_mask_update(setup, i)]
     median = statistics.median(ordinary)
     rows.append({
-        "devices": n, "global_batch": global_batch, "compile_s": times[0],
+        "devices": n, "model_parallel": m, "layout": layout.name,
+        "global_batch": global_batch, "compile_s": times[0],
         "step_s_median": median, "step_s_min": min(ordinary),
         "step_s_quartiles": (list(np.percentile(ordinary, [25, 75])) if ordinary else None),
         "steps_per_s": 1.0 / median, "images_per_s": global_batch / median,
@@ -356,31 +394,26 @@ def main(argv: list[str] | None = None) -> dict:
 
   # Agreement: each n > 1 against one device on the same global batches, next to the noise
   # floor: the same one-device run started from params one float32 ulp away.
-  if 1 in steps_for:
-    ref_step, ref_mesh = steps_for[1]
-  else:
-    ref_mesh = train.make_mesh(1)
-    ref_step = train.jit_steps(setup, ref_mesh)[0]
+  ref = layout_of.get((1, 1)) or Layout(setup, host_init, 1)
   host_flipped = flip_last_bit(host_init, cfg.seed + 1)
   for row in rows:
-    n = row["devices"]
+    n, m = row["devices"], row["model_parallel"]
     if n == 1:
       row["agreement"] = None
       continue
     log(f"== reference: 1 device, global batch {row['global_batch']}, {args.check_steps} steps "
         "(and the same from params 1 ulp away)")
-    _, ref = run_steps(ref_step, host_init, ref_mesh, dataset, row["global_batch"], cfg.seed,
-                       args.check_steps, snap_steps=args.check_steps, log=log)
-    _, floor = run_steps(ref_step, host_flipped, ref_mesh, dataset, row["global_batch"],
+    _, ref_snaps = run_steps(ref, host_init, dataset, row["global_batch"], cfg.seed,
+                             args.check_steps, snap_steps=args.check_steps, log=log)
+    _, floor = run_steps(ref, host_flipped, dataset, row["global_batch"],
                          cfg.seed, args.check_steps, snap_steps=args.check_steps)
     per_step = []
     init = snapshot_host(host_init)
     for k in range(args.check_steps):
-      before = init if k == 0 else ref[k - 1]
-      c = compare(snaps[n][k], ref[k], before)
-      f = compare(floor[k], ref[k], before)
-      per_step.append({"step": k + 1, "mask_update": is_mask_update(k + 1, cfg.update_every,
-                                                                    end_step), **c,
+      before = init if k == 0 else ref_snaps[k - 1]
+      c = compare(snaps[n, m][k], ref_snaps[k], before)
+      f = compare(floor[k], ref_snaps[k], before)
+      per_step.append({"step": k + 1, "mask_update": is_mask_update(setup, k + 1), **c,
                        "floor_params_max_abs_diff": f["params_max_abs_diff"],
                        "floor_batch_stats_max_abs_diff": f["batch_stats_max_abs_diff"],
                        "floor_mask_entries_differing": f["mask_entries_differing"],

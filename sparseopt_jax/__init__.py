@@ -7,7 +7,8 @@ composable Optax gradient transformations.
 
 from sparseopt_jax.budgets import active_counts, layer_sparsities
 from sparseopt_jax.composite import SparseOptState, sparseopt
-from sparseopt_jax.diagnostics import leaf_skew_slope, skew_slope, sparsity_summary
+from sparseopt_jax.diagnostics import check_sparsity, leaf_skew_slope, skew_slope, sparsity_summary
+from sparseopt_jax.linen_support import SparseTrainState
 from sparseopt_jax.masking import (MaskState, apply_masks, apply_updates, get_masks, mask,
                                    random_masks)
 from sparseopt_jax.nnx_support import SparseOptimizer, nnx_batch_stats, remask
@@ -18,7 +19,8 @@ from sparseopt_jax.topology import TopologyState, is_mask_update_step, topology_
 __version__ = "0.1.0"
 
 __all__ = [
-    "MaskState", "SkewState", "SparseOptState", "TopologyState", "active_counts",
+    "MaskState", "SkewState", "SparseOptState", "SparseTrainState", "TopologyState",
+    "active_counts", "check_sparsity",
     "apply_masks", "apply_updates", "get_masks", "is_mask_update_step", "layer_sparsities", "leaf_skew_slope", "mask",
     "random_masks", "skew_correct", "skew_slope", "sparseopt", "sparsity_summary", "state_shardings",
     "topology_update",

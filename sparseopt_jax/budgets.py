@@ -88,6 +88,10 @@ def layer_sparsities(shapes: Mapping[str, tuple[int, ...]], sparsity: float,
   sparsity = check_sparsity(sparsity)
   distribution = check_distribution(distribution)
   if isinstance(distribution, Mapping):
+    unmatched = [pat for pat in distribution if not any(re.search(pat, p) for p in shapes)]
+    if unmatched:
+      raise ValueError(f"distribution patterns {unmatched} match no sparse leaf; the sparse "
+                       f"leaves are {list(shapes)[:8]}")
     out = {}
     for path in shapes:
       out[path] = next((float(v) for pat, v in distribution.items() if re.search(pat, path)),

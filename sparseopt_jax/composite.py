@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import jax
 import optax
 
 from sparseopt_jax import budgets
@@ -100,12 +101,22 @@ def sparseopt(
       skew, bn_pairs=bn_pairs, neuron_axis=neuron_axis, bn_floor=bn_floor)
 
   def init_fn(params):
-    return SparseOptState(
+    state = SparseOptState(
         skew=optax.EmptyState() if correct is None else correct.init(params),
         topology=topo.init(params))
+    if skew == "bn" and not tree_lib.is_params_placeholder(params):
+      sparse = {tree_lib.path_str(p) for p, m in jax.tree_util.tree_leaves_with_path(
+          state.topology.masks, is_leaf=tree_lib.is_none) if not tree_lib.is_none(m)}
+      mapped = {k for k, v in (bn_pairs or {}).items() if v is not None}
+      if sparse and not sparse & mapped:
+        raise ValueError(
+            f"skew='bn' but bn_pairs maps none of the sparse leaves {sorted(sparse)[:5]} to a "
+            f"BatchNorm (it maps {sorted(mapped)[:5]}): every factor would come from the "
+            "density formula; map each kernel to the BatchNorm after it, or use skew='density'")
+    return state
 
   def update_fn(updates, state, params=None, **extra_args):
-    for name in ("masks", "grow_grads", "density_factors"):
+    for name in ("masks", "grow_grads", "density_factors"):  # set here, not by the caller
       extra_args.pop(name, None)
     grads = updates
     skew_state = state.skew

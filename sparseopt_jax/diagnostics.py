@@ -15,30 +15,52 @@ from sparseopt_jax import tree as tree_lib
 
 def _masks_by_path(masks: Any) -> dict[str, jax.Array]:
   return {tree_lib.path_str(p): m for p, m in
-          jax.tree_util.tree_leaves_with_path(masks, is_leaf=tree_lib.is_none) if m is not None}
+          jax.tree_util.tree_leaves_with_path(masks, is_leaf=tree_lib.is_none)
+          if not tree_lib.is_none(m)}
 
 
-def sparsity_summary(state: Any, neuron_axis: int = -1) -> dict[str, Any]:
-  """Host-side summary of an optimizer state's masks.
+def _pruned_nonzero(params: Any, masks: Any) -> dict[str, tuple[int, int]]:
+  """Per sparse leaf: (pruned weights that are not 0.0, pruned weights)."""
+  by_path = {tree_lib.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  out = {}
+  for path, m in _masks_by_path(masks).items():
+    if path not in by_path:
+      raise ValueError(f"the masks have a leaf {path!r} that the params do not")
+    x = by_path[path]
+    out[path] = (int(jnp.sum((x != 0) & ~m)), int(m.size - jnp.sum(m)))
+  return out
+
+
+def sparsity_summary(state: Any, neuron_axis: int = -1, *, params: Any = None) -> dict[str, Any]:
+  """Host-side summary of an optimizer state's masks, and of the params if given.
 
   Returns:
-    ``{"sparsity": fraction of zeros over all sparse leaves,
+    ``{"sparsity": fraction of zeros the masks prescribe over all sparse leaves,
+       "params_sparsity": fraction of exact zeros of ``params`` over the same
+                          leaves (None without ``params``): below ``sparsity``
+                          when pruned weights drifted from 0,
+       "pruned_nonzero": pruned weights of ``params`` that are not 0.0 (None
+                         without ``params``; see :func:`check_sparsity`),
        "exploration": fraction of sparse weights ever active since init
                       (None without a topology stage),
        "density_spread": mean over leaves of std(d_i) / mean(d_i),
-       "leaves": {path: {"size", "active", "sparsity",
-                         "density_min", "density_median", "density_max"}}}``
+       "leaves": {path: {"size", "active", "sparsity", "density_min",
+                         "density_median", "density_max"[, "pruned_nonzero"]}}}``
   """
+  masks = masking.get_masks(state)
+  drift = None if params is None else _pruned_nonzero(params, masks)
   leaves = {}
   total = active = 0
   spreads = []
-  for path, m in _masks_by_path(masking.get_masks(state)).items():
+  for path, m in _masks_by_path(masks).items():
     d = np.asarray(tree_lib.neuron_density(m, neuron_axis))
     n_active = int(jnp.sum(m))
     leaves[path] = {
         "size": int(m.size), "active": n_active, "sparsity": 1.0 - n_active / m.size,
         "density_min": float(d.min()), "density_median": float(np.median(d)),
         "density_max": float(d.max())}
+    if drift is not None:
+      leaves[path]["pruned_nonzero"] = drift[path][0]
     total += m.size
     active += n_active
     if d.mean() > 0:
@@ -47,11 +69,40 @@ def sparsity_summary(state: Any, neuron_axis: int = -1) -> dict[str, Any]:
       state, is_leaf=lambda x: isinstance(x, topology_lib.TopologyState))
           if isinstance(s, topology_lib.TopologyState)]
   exploration = None
-  if topo:
+  if topo and topo[0].masks is not None:
     ever, n = topology_lib.exploration_counts(topo[0])
     exploration = ever / max(n, 1)
-  return {"sparsity": 1.0 - active / max(total, 1), "exploration": exploration,
+  pruned_nonzero = None if drift is None else sum(v[0] for v in drift.values())
+  params_sparsity = None
+  if drift is not None:
+    by_path = {tree_lib.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    zeros = sum(int(jnp.sum(by_path[path] == 0)) for path in leaves)
+    params_sparsity = zeros / max(total, 1)
+  return {"sparsity": 1.0 - active / max(total, 1), "params_sparsity": params_sparsity,
+          "pruned_nonzero": pruned_nonzero, "exploration": exploration,
           "density_spread": float(np.mean(spreads)) if spreads else 0.0, "leaves": leaves}
+
+
+def check_sparsity(params: Any, masks_or_state: Any) -> None:
+  """Raise ValueError if any pruned weight of ``params`` is not exactly 0.0.
+
+  Pruned weights drift from zero when the params are updated with
+  ``optax.apply_updates``, Flax's ``TrainState.apply_gradients`` or a plain
+  ``nnx.Optimizer`` instead of :func:`~sparseopt_jax.apply_updates`,
+  :class:`~sparseopt_jax.SparseTrainState` or
+  :class:`~sparseopt_jax.SparseOptimizer`. The message names every such leaf
+  and its count. Host-side (it reads the arrays); call it now and then, e.g.
+  at each evaluation.
+  """
+  drift = _pruned_nonzero(params, masking.resolve_masks(masks_or_state))
+  bad = {path: v for path, v in drift.items() if v[0]}
+  if bad:
+    listed = ", ".join(f"{path!r} ({n:,} of {total:,} pruned)" for path, (n, total) in
+                       list(bad.items())[:8])
+    raise ValueError(
+        f"{sum(n for n, _ in bad.values()):,} pruned weights are not 0.0 in {len(bad)} sparse "
+        f"leaves: {listed}. Apply updates with so.apply_updates (or so.SparseTrainState / "
+        "so.SparseOptimizer), which re-masks the params; optax.apply_updates does not")
 
 
 def neuron_grad_stats(grad: jax.Array, mask: jax.Array,

@@ -36,15 +36,13 @@ class MaskState(NamedTuple):
   masks: Any
 
 
-# State classes whose ``masks`` field, when not None, is *the* masks of a chain.
-MASK_OWNERS: list[type] = [MaskState]
 
 
 def as_bool_masks(masks: Any) -> Any:
   """Masks as bool arrays; non-bool masks must hold only 0 and 1 (checked when concrete)."""
   def convert(p, m):
-    if m is None:
-      return None
+    if tree_lib.is_none(m):
+      return m
     m = jnp.asarray(m)
     if m.dtype != jnp.bool_ and not isinstance(m, jax.core.Tracer):
       values = np.unique(np.asarray(m))
@@ -136,14 +134,30 @@ def random_masks(params: Any, sparsity: float, distribution: budgets.Distributio
   eagerly, under ``jax.jit`` and under ``jax.eval_shape``.
   """
   host = host_random_masks(params, sparsity, distribution, sparse_filter=sparse_filter, seed=seed)
-  return jax.tree.map(lambda m: None if m is None else jnp.asarray(m), host,
+  return jax.tree.map(lambda m: m if tree_lib.is_none(m) else jnp.asarray(m), host,
                       is_leaf=tree_lib.is_none)
 
 
+def _stage_state_types() -> tuple[type, type]:
+  from sparseopt_jax import topology  # the topology stage imports this module
+  return MaskState, topology.TopologyState
+
+
+def _owners(state: Any) -> list[Any]:
+  """The states in ``state`` that own the chain's masks.
+
+  The rule: a :class:`~sparseopt_jax.topology.TopologyState` always owns them
+  (its masks are None when every leaf is dense, e.g. params that are one
+  vector); a :class:`MaskState` owns them when it was built with masks.
+  """
+  mask_state, topology_state = _stage_state_types()
+  found = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, (mask_state, topology_state)))
+  return [s for s in found if isinstance(s, topology_state)
+          or (isinstance(s, mask_state) and s.masks is not None)]
+
+
 def _owner_masks(state: Any) -> list[Any]:
-  owners = tuple(MASK_OWNERS)
-  found = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, owners))
-  return [s.masks for s in found if isinstance(s, owners) and s.masks is not None]
+  return [s.masks for s in _owners(state)]
 
 
 def get_masks(state: Any) -> Any:
@@ -183,7 +197,7 @@ def _mask_like_params(state: Any, params: Any, masks: Any) -> Any:
             for p, x in jax.tree_util.tree_leaves_with_path(params)}
   by_path = {tree_lib.path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(
       masks, is_leaf=tree_lib.is_none)}
-  owners = tuple(MASK_OWNERS)
+  stage_states = _stage_state_types()
 
   def like_params(node):
     if type(node) is not type(params):
@@ -194,10 +208,10 @@ def _mask_like_params(state: Any, params: Any, masks: Any) -> Any:
 
   def remask(p, x):
     m = by_path.get(tree_lib.path_str(p))
-    return x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype))
+    return x if tree_lib.is_none(m) else jnp.where(m, x, jnp.zeros((), x.dtype))
 
   def visit(node):
-    if isinstance(node, owners) or node is None:
+    if isinstance(node, stage_states) or node is None:
       return node
     if like_params(node):
       return jax.tree_util.tree_map_with_path(remask, node)
@@ -211,9 +225,7 @@ def _mask_like_params(state: Any, params: Any, masks: Any) -> Any:
 
 def _needs_state_remask(state: Any) -> Any:
   """Whether the masks changed in the last update (bool array), or False if they never do."""
-  owners = tuple(MASK_OWNERS)
-  found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, owners))
-           if isinstance(s, owners) and s.masks is not None]
+  found = _owners(state)
   return getattr(found[0], "changed", False) if len(found) == 1 else True
 
 

@@ -36,6 +36,7 @@ class TrainConfig:
   end_fraction: float = 0.75         # no mask updates after this fraction of training
   dense_stem: bool = False           # keep the first conv dense (RigL's ImageNet recipe)
   dtype: str = "float32"             # computation dtype of the model
+  model_parallel: int = 1            # devices on the mesh's 'model' axis (kernels' output axis)
   seed: int = 0
   eval_every: int = 500
   checkpoint_every: int = 1000
@@ -50,7 +51,8 @@ class TrainConfig:
     check_choice("dtype", self.dtype, ("float32", "bfloat16"))
     check_fraction("end_fraction", self.end_fraction, closed=True)
     check_fraction("drop_fraction", self.drop_fraction, closed=True)
-    for name in ("batch_size", "update_every", "eval_every", "checkpoint_every", "log_every"):
+    for name in ("batch_size", "update_every", "eval_every", "checkpoint_every", "log_every",
+                 "model_parallel"):
       check_int(name, getattr(self, name), 1)
     if self.steps is not None:
       check_int("steps", self.steps, 1)

@@ -60,7 +60,7 @@ def state_shardings(tx: optax.GradientTransformation, params: Any, param_shardin
   is_owner = lambda x: isinstance(x, owners)
 
   def like_params(masks):
-    return jax.tree.map(lambda m, s: None if m is None else s, masks, param_shardings,
+    return jax.tree.map(lambda m, s: m if tree_lib.is_none(m) else s, masks, param_shardings,
                         is_leaf=tree_lib.is_none)
 
   def fix(node, shape):
@@ -69,7 +69,7 @@ def state_shardings(tx: optax.GradientTransformation, params: Any, param_shardin
     if isinstance(shape, masking.MaskState):
       return masking.MaskState(masks=like_params(shape.masks))
     factors = jax.tree.map(
-        lambda m, s: None if m is None else _neuron_sharding(s, len(m.shape), neuron_axis, default),
+        lambda m, s: m if tree_lib.is_none(m) else _neuron_sharding(s, len(m.shape), neuron_axis, default),
         shape.masks, param_shardings, is_leaf=tree_lib.is_none)
     return shape._replace(
         step=default, key=default, changed=default, masks=like_params(shape.masks),

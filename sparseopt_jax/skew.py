@@ -28,6 +28,7 @@ from sparseopt_jax.checks import check_choice
 from sparseopt_jax import tree as tree_lib
 
 SKEW_MODES = ("density", "bn")
+_UNSET = object()
 
 
 class SkewState(NamedTuple):
@@ -60,7 +61,8 @@ def mask_density_factors(masks: Any, neuron_axis: int, xp: Any = jnp) -> Any:
     counts = xp.sum(m, axis=tree_lib.reduce_axes(m.ndim, neuron_axis), dtype=xp.int32)
     total = xp.maximum(xp.sum(counts), 1).astype(xp.float32)
     return xp.sqrt((counts * counts.shape[0]).astype(xp.float32) / total).astype(xp.float32)
-  return jax.tree.map(lambda m: None if m is None else leaf(m), masks, is_leaf=tree_lib.is_none)
+  return jax.tree.map(lambda m: m if tree_lib.is_none(m) else leaf(m), masks,
+                      is_leaf=tree_lib.is_none)
 
 
 def bn_factors(variance: jax.Array, epsilon: float, floor: float) -> jax.Array:
@@ -91,7 +93,9 @@ def _bn_variances(batch_stats: Any, bn_pairs: Mapping[str, str | None]) -> dict[
     if var is None:
       known = sorted({p.rsplit("/", 1)[0] for p in stats})
       raise ValueError(f"bn_pairs maps {kernel!r} to the BatchNorm {bn!r}, which batch_stats "
-                       f"does not hold (no '{bn}/var'); batch_stats has {known[:10]}")
+                       f"does not hold (no '{bn}/var'); batch_stats has {known[:10]}. Only "
+                       "BatchNorm keeps a running variance: a LayerNorm (or any norm without "
+                       "running statistics) has none to read, so use skew='density' there")
     out[kernel] = var
   return out
 
@@ -140,12 +144,15 @@ def skew_correct(
     if given is None:
       return SkewState(density_factors=None)
     tree_lib.check_masks_like(given, params)
+    tree_lib.check_neuron_axis_fits(
+        {tree_lib.path_str(p): m.shape for p, m in jax.tree_util.tree_leaves_with_path(
+            given, is_leaf=tree_lib.is_none) if not tree_lib.is_none(m)}, neuron_axis)
     return SkewState(density_factors=mask_density_factors(given, neuron_axis))
 
-  def update_fn(updates, state, params=None, *, masks=None, density_factors=None,
+  def update_fn(updates, state, params=None, *, masks=None, density_factors=_UNSET,
                 batch_stats=None, **extra_args):
     del params, extra_args
-    if density_factors is not None:
+    if density_factors is not _UNSET:  # None too: every leaf dense
       factors = density_factors
     elif masks is not None:
       factors = mask_density_factors(masks, neuron_axis)
@@ -162,7 +169,7 @@ def skew_correct(
       variances = _bn_variances(batch_stats, pairs)
 
     def scale(p, c, u):
-      if c is None:
+      if tree_lib.is_none(c):
         return u
       path = tree_lib.path_str(p)
       if path in variances:

@@ -11,9 +11,10 @@ with ``n`` active weights (Evci et al. 2020, RigL; Mocanu et al. 2018, SET):
 so every leaf keeps exactly ``n`` active weights. A weight just dropped may be
 regrown. Candidates are ranked by (score, a random secondary key): exact ties
 in |w| or |g| (zeros, repeated values) fall in an order drawn from the state's
-key, the same for one seed and different across seeds, never index order. A
-leaf whose weights or gradients hold a NaN or an Inf keeps its mask on that
-step, so non-finite values never drive drop or growth.
+key, the same for one seed and different across seeds, never index order. If
+any weight or gradient holds a NaN or an Inf, no mask changes on that step
+(what ``optax.apply_if_finite`` would skip), so non-finite values never drive
+drop or growth and per-leaf counts stay exact.
 
 Mask-update step: the surviving weights take their ordinary update; dropped
 weights are zeroed; grown weights start at 0.0 with zero optimizer moments and
@@ -72,9 +73,6 @@ class TopologyState(NamedTuple):
   ever_active: Any
   density_factors: Any
   changed: jax.Array
-
-
-masking.MASK_OWNERS.append(TopologyState)
 
 
 def is_mask_update_step(step, *, update_every: int, end_step: int):
@@ -157,7 +155,7 @@ def _flat(x: jax.Array) -> jax.Array:
   return x.reshape(-1)
 
 
-def _new_leaf_mask(mask, weight, grad, seeds, *, k, kmax, grow_random):
+def _new_leaf_mask(mask, weight, grad, seeds, finite, *, k, kmax, grow_random):
   """The leaf's mask after dropping and growing ``k`` weights (same shape, same count)."""
   flat_mask = _flat(mask)
   w = _flat(weight).astype(jnp.float32)
@@ -170,7 +168,6 @@ def _new_leaf_mask(mask, weight, grad, seeds, *, k, kmax, grow_random):
   else:
     grow_score = jnp.abs(g)
   grown = _select(grow_score, ~kept, k, kmax, _random_keys(n, seeds[1]))
-  finite = jnp.all(jnp.isfinite(w)) & jnp.all(jnp.isfinite(g))
   out = jnp.where(finite, kept | grown, flat_mask).reshape(mask.shape)
   spec = _explicit_spec(mask)
   return out if spec is None else jax.sharding.reshard(out, spec)
@@ -253,13 +250,18 @@ def topology_update(
       raise ValueError(f"topology={topology!r} needs end_step (the step after which masks "
                        "stay fixed, typically 0.75 of training)")
     end_step = check_int("end_step", end_step, 0)
+    if end_step <= update_every:
+      raise ValueError(
+          f"end_step {end_step} <= update_every {update_every}: topology={topology!r} would "
+          "never update the masks (the first update is at step update_every, the last before "
+          "end_step); lower update_every, raise end_step, or use topology='static'")
   seed = check_int("seed", seed, 0)
   given = None if masks is None else masking.as_bool_masks(masks)
   given_counts = None
   if given is not None:
     given_counts = {path: int(np.sum(np.asarray(m))) for path, m in zip(
         tree_lib.leaf_paths(jax.tree.map(lambda m: 0, given, is_leaf=tree_lib.is_none)),
-        jax.tree.leaves(given, is_leaf=tree_lib.is_none)) if m is not None}
+        jax.tree.leaves(given, is_leaf=tree_lib.is_none)) if not tree_lib.is_none(m)}
   dynamic = topology != "static"
   schedule = optax.cosine_decay_schedule(drop_fraction, max(end_step or 1, 1))
 
@@ -268,14 +270,20 @@ def topology_update(
       return TopologyState(step=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(0),
                            masks=tree_lib.NOT_PARAMS, ever_active=tree_lib.NOT_PARAMS,
                            density_factors=tree_lib.NOT_PARAMS, changed=jnp.zeros([], bool))
+    if isinstance(sparse_filter, str) and given is None and not tree_lib.sparse_shapes(params, keep):
+      raise ValueError(f"sparse_filter {sparse_filter!r} matches no leaf with ndim >= 2; leaf "
+                       f"paths look like {tree_lib.leaf_paths(params)[:5]}")
     if given is not None:
       tree_lib.check_masks_like(given, params)
-      host_masks = jax.tree.map(lambda m: None if m is None else np.asarray(m), given,
+      host_masks = jax.tree.map(lambda m: m if tree_lib.is_none(m) else np.asarray(m), given,
                                 is_leaf=tree_lib.is_none)
     else:
       host_masks = masking.host_random_masks(params, sparsity, distribution,
                                              sparse_filter=keep, seed=seed)
-    to_device = lambda tree: jax.tree.map(lambda x: None if x is None else jnp.asarray(x), tree,
+    tree_lib.check_neuron_axis_fits(
+        {tree_lib.path_str(p): m.shape for p, m in jax.tree_util.tree_leaves_with_path(
+            host_masks, is_leaf=tree_lib.is_none) if not tree_lib.is_none(m)}, neuron_axis)
+    to_device = lambda tree: jax.tree.map(lambda x: x if tree_lib.is_none(x) else jnp.asarray(x), tree,
                                           is_leaf=tree_lib.is_none)
     return TopologyState(
         step=jnp.zeros([], jnp.int32),
@@ -299,11 +307,17 @@ def topology_update(
     masks_flat, treedef = jax.tree.flatten(state.masks, is_leaf=tree_lib.is_none)
     seeds = jax.random.bits(jax.random.fold_in(state.key, state.step),
                             (len(masks_flat), 3), jnp.uint32)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in
+                                jax.tree.leaves(params) + jax.tree.leaves(grads)]))
     new = []
-    for i, (path, m, w, g) in enumerate(zip(tree_lib.leaf_paths(params), masks_flat,
-                                            jax.tree.leaves(params), jax.tree.leaves(grads))):
-      if m is None:
-        new.append(None)
+    # Flattened like the masks: a MaskedNode (another multi_transform branch's leaf) counts.
+    flat = lambda tree: jax.tree.leaves(tree, is_leaf=tree_lib.is_none)
+    paths = [tree_lib.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+        state.masks, is_leaf=tree_lib.is_none)]
+    for i, (path, m, w, g) in enumerate(zip(paths, masks_flat, flat(params), flat(grads),
+                                            strict=True)):
+      if tree_lib.is_none(m):
+        new.append(m)
         continue
       n_active = counts.get(path, m.size)
       kmax = min(m.size - n_active, math.floor(drop_fraction * n_active))
@@ -311,7 +325,7 @@ def topology_update(
         new.append(m)
         continue
       k = jnp.floor(f_t * n_active).astype(jnp.int32)
-      new.append(_new_leaf_mask(m, w, g, seeds[i], k=k, kmax=kmax,
+      new.append(_new_leaf_mask(m, w, g, seeds[i], finite, k=k, kmax=kmax,
                                 grow_random=topology == "set"))
     new_masks = jax.tree.unflatten(treedef, new)
     ever = jax.tree.map(lambda bits, m: bits | _pack(m), state.ever_active, new_masks)

@@ -215,29 +215,54 @@ def make_skew_probe(setup: Setup):
 # Devices
 
 
-def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+def make_mesh(num_devices: int | None = None, model_parallel: int = 1) -> jax.sharding.Mesh:
+  """A ('data', 'model') mesh: the batch on 'data', kernels' output axes on 'model'."""
   devices = jax.devices()[:num_devices] if num_devices else jax.devices()
-  return jax.sharding.Mesh(np.asarray(devices), ("data",))
+  if len(devices) % model_parallel:
+    raise ValueError(f"model_parallel {model_parallel} does not divide the {len(devices)} devices")
+  return jax.sharding.Mesh(np.asarray(devices).reshape(-1, model_parallel), ("data", "model"))
+
+
+def param_spec(leaf: Any, model_parallel: int) -> P:
+  """A kernel's output (neuron) axis on 'model' when it divides; everything else replicated."""
+  shape = jnp.shape(leaf)
+  if model_parallel > 1 and len(shape) >= 2 and shape[-1] % model_parallel == 0:
+    return P(*([None] * (len(shape) - 1)), "model")
+  return P()
+
+
+def state_shardings(setup: Setup, mesh: jax.sharding.Mesh, state: TrainState) -> TrainState:
+  """Shardings of a TrainState on ``mesh``: params by :func:`param_spec`, the optimizer
+  state like its params (masks and density factors too: ``so.state_shardings``), the
+  rest replicated."""
+  replicated = NamedSharding(mesh, P())
+  m = mesh.shape["model"]
+  params = jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x, m)), state.params)
+  return TrainState(step=replicated, params=params,
+                    batch_stats=jax.tree.map(lambda _: replicated, state.batch_stats),
+                    opt_state=so.state_shardings(setup.tx, state.params, params, replicated))
 
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
-  n = mesh.devices.size
+  n = mesh.shape["data"]
   if batch_size % n or batch_size % jax.process_count():
-    raise ValueError(f"batch_size {batch_size} is not divisible by the {n} devices "
-                     f"({jax.process_count()} processes) it is sharded over")
+    raise ValueError(f"batch_size {batch_size} is not divisible by the {n} devices of the "
+                     f"mesh's 'data' axis ({jax.process_count()} processes) it is sharded over")
 
 
-def jit_steps(setup: Setup, mesh: jax.sharding.Mesh):
-  """The jitted train, eval and probe steps for ``mesh``: batch on 'data', rest replicated."""
+def jit_steps(setup: Setup, mesh: jax.sharding.Mesh, shardings: TrainState | None = None):
+  """The jitted train, eval and probe steps for ``mesh``: batch on 'data', the state laid
+  out by ``shardings`` (from :func:`state_shardings`; default: replicated)."""
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
-  train = jax.jit(make_train_step(setup), in_shardings=(replicated, batch_sharding),
-                  out_shardings=(replicated, replicated), donate_argnums=0,
+  state = replicated if shardings is None else shardings
+  train = jax.jit(make_train_step(setup), in_shardings=(state, batch_sharding),
+                  out_shardings=(state, replicated), donate_argnums=0,
                   static_argnums=2)
-  evaluate = jax.jit(make_eval_step(setup), in_shardings=(replicated, batch_sharding),
+  evaluate = jax.jit(make_eval_step(setup), in_shardings=(state, batch_sharding),
                      out_shardings=replicated)
   probe = None if setup.config.dense else jax.jit(
-      make_skew_probe(setup), in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+      make_skew_probe(setup), in_shardings=(state, batch_sharding), out_shardings=replicated)
   return train, evaluate, probe
 
 
@@ -246,28 +271,33 @@ class HostScheduledStep:
 
   ``step(state, batch, mask_update)`` runs the ordinary variant (no mask-update
   code, no conditional) or the mask-update one. Both are compiled ahead of
-  time from the first call's arguments; the update variant compiles in a
-  background thread, so that the first steps do not wait for it.
+  time, per batch shape, from the first call's arguments; the update variant
+  compiles in a background thread, so that the first steps do not wait for it.
   """
 
   def __init__(self, jitted: Any):
     self._jitted = jitted
-    self._variants: dict[bool, Any] = {}
+    self._variants: dict[tuple, Any] = {}
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
+  @staticmethod
+  def _key(batch: dict, mask_update: bool) -> tuple:
+    return bool(mask_update), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(batch))
+
   def compile(self, state: TrainState, batch: dict, *, update_variant: bool = True) -> None:
-    if False not in self._variants:
-      self._variants[False] = self._jitted.lower(state, batch, False).compile()
-    if update_variant and True not in self._variants:
+    """Compile the ordinary variant now and (``update_variant``) the other in the background."""
+    if self._key(batch, False) not in self._variants:
+      self._variants[self._key(batch, False)] = self._jitted.lower(state, batch, False).compile()
+    if update_variant and self._key(batch, True) not in self._variants:
       lowered = self._jitted.lower(state, batch, True)
-      self._variants[True] = self._pool.submit(lowered.compile)
+      self._variants[self._key(batch, True)] = self._pool.submit(lowered.compile)
 
   def __call__(self, state: TrainState, batch: dict, mask_update: bool):
     self.compile(state, batch, update_variant=mask_update)
-    variant = self._variants[bool(mask_update)]
-    if isinstance(variant, concurrent.futures.Future):
-      variant = self._variants[True] = variant.result()
-    return variant(state, batch)
+    key = self._key(batch, mask_update)
+    if isinstance(self._variants[key], concurrent.futures.Future):
+      self._variants[key] = self._variants[key].result()
+    return self._variants[key](state, batch)
 
 
 def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
@@ -303,7 +333,7 @@ def run(cfg: presets.TrainConfig, workdir: str, *, resume: bool = False,
   ``stop_at`` stops after that step as if interrupted (a checkpoint is written),
   so that a later ``resume=True`` run continues exactly there.
   """
-  mesh = make_mesh(num_devices)
+  mesh = make_mesh(num_devices, cfg.model_parallel)
   check_batch_size(cfg.batch_size, mesh)
   dataset = data.load(cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset)
   local_batch = cfg.batch_size // jax.process_count()
@@ -318,12 +348,13 @@ def run(cfg: presets.TrainConfig, workdir: str, *, resume: bool = False,
   if is_main:
     _write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(cfg))
 
-  state = jax.device_put(create_train_state(setup, dataset.info.image_shape),
-                         NamedSharding(mesh, P()))
+  state = create_train_state(setup, dataset.info.image_shape)
+  shardings = state_shardings(setup, mesh, state)
+  state = jax.device_put(state, shardings)
   if resume and ckpt.latest_step() is not None:
     state = ckpt.restore(state)
   start = int(state.step)
-  train_jit, eval_step, probe = jit_steps(setup, mesh)
+  train_jit, eval_step, probe = jit_steps(setup, mesh, shardings)
   train_step = HostScheduledStep(train_jit)
   dynamic = not cfg.dense and cfg.topology != "static" and start < setup.end_step
   batches = dataset.train_batches(local_batch, seed=cfg.seed, start_step=start)
@@ -352,8 +383,10 @@ def run(cfg: presets.TrainConfig, workdir: str, *, resume: bool = False,
              **evaluate(eval_step, state, dataset, cfg.batch_size, mesh),
              "images_per_s": throughput, "wall_time": time.time() - t_start}
       if probe is not None:
-        summary = so.sparsity_summary(state.opt_state)
-        row.update(sparsity=summary["sparsity"], density_spread=summary["density_spread"],
+        summary = so.sparsity_summary(state.opt_state, params=state.params)
+        row.update(sparsity=summary["sparsity"], params_sparsity=summary["params_sparsity"],
+                   pruned_nonzero=summary["pruned_nonzero"],
+                   density_spread=summary["density_spread"],
                    exploration=summary["exploration"],
                    **{k: float(v) for k, v in jax.device_get(probe(state, batch)).items()})
       if is_main:

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 SparseFilter = Callable[[str, Any], bool] | str | None
 
@@ -38,7 +39,10 @@ def leaf_paths(tree: Any) -> list[str]:
 
 
 def is_none(x: Any) -> bool:
-  return x is None
+  """Whether a masks leaf says "no mask here": None (a dense leaf), or the
+  ``optax.MaskedNode`` that ``optax.multi_transform`` / ``optax.masked`` put
+  where a leaf belongs to another branch."""
+  return x is None or isinstance(x, optax.MaskedNode)
 
 
 # What a stage's state holds where the real state holds masks or per-neuron factors, when
@@ -58,10 +62,10 @@ def map_with_masks(fn: Callable, masks: Any, *trees: Any) -> Any:
   """``jax.tree.map(fn, masks, *trees)`` where ``masks`` has ``None`` leaves.
 
   ``fn(mask, *leaves)`` is called only where the mask is an array; where it is
-  ``None`` the leaf of the first tree is returned unchanged.
+  ``None`` (or a ``MaskedNode``) the leaf of the first tree is returned unchanged.
   """
   return jax.tree.map(
-      lambda m, x, *rest: x if m is None else fn(m, x, *rest),
+      lambda m, x, *rest: x if is_none(m) else fn(m, x, *rest),
       masks, *trees, is_leaf=is_none)
 
 
@@ -106,6 +110,14 @@ def check_neuron_axis(neuron_axis: int) -> int:
   return neuron_axis
 
 
+def check_neuron_axis_fits(shapes: dict[str, tuple], neuron_axis: int) -> None:
+  """Raise ValueError naming the first sparse leaf that has no axis ``neuron_axis``."""
+  for path, shape in shapes.items():
+    if not -len(shape) <= neuron_axis < len(shape):
+      raise ValueError(f"neuron_axis {neuron_axis} is out of range for the sparse leaf {path!r} "
+                       f"of shape {tuple(shape)} ({len(shape)} axes)")
+
+
 def reduce_axes(ndim: int, neuron_axis: int) -> tuple[int, ...]:
   """All axes of a leaf but its neuron axis: the fan-in of each neuron."""
   axis = neuron_axis % ndim
@@ -127,15 +139,15 @@ def neuron_density(mask: jax.Array, neuron_axis: int) -> jax.Array:
 def check_masks_like(masks: Any, params: Any, what: str = "masks") -> None:
   """Raise ValueError naming the first leaf where ``masks`` does not fit ``params``."""
   mask_def = jax.tree.structure(masks, is_leaf=is_none)
-  param_def = jax.tree.structure(params)
+  param_def = jax.tree.structure(params, is_leaf=is_none)
   if mask_def != param_def:
     raise ValueError(
         f"{what} must be a pytree with the structure of the params (None for dense leaves); "
         f"{what} has {mask_def.num_leaves} leaves {mask_def}, the params have "
         f"{param_def.num_leaves} leaves {param_def}")
-  for (p, x), m in zip(jax.tree_util.tree_leaves_with_path(params),
+  for (p, x), m in zip(jax.tree_util.tree_leaves_with_path(params, is_leaf=is_none),
                        jax.tree.leaves(masks, is_leaf=is_none)):
-    if m is None:
+    if is_none(m):
       continue
     if tuple(jnp.shape(m)) != tuple(jnp.shape(x)):
       raise ValueError(f"{what} leaf {path_str(p)!r} has shape {tuple(jnp.shape(m))}, "

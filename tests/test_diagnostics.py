@@ -36,7 +36,7 @@ def test_summary_reports_sparsity_densities_and_growing_exploration():
 
 def test_exploration_state_costs_an_eighth_of_a_byte_per_weight():
   params = {"w": jnp.zeros((100, 37))}
-  state = so.topology_update("rigl", sparsity=0.9, end_step=10).init(params)
+  state = so.topology_update("rigl", sparsity=0.9, update_every=5, end_step=10).init(params)
   assert state.masks["w"].dtype == jnp.bool_ and state.masks["w"].nbytes == 3700
   assert state.ever_active["w"].nbytes == -(-3700 // 8)
 

@@ -176,20 +176,78 @@ def test_ties_are_broken_by_the_seed_not_by_index(seed):
   assert int(after.sum()) == int(before.sum())
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_non_finite_gradients_never_drive_growth(bad):
-  params = _params()
-  tx = so.topology_update("rigl", sparsity=0.75, update_every=1, end_step=10, seed=0)
+def _update_step_masks(grads, params=None, wrap=lambda tx: tx):
+  """Masks before and after one mask-update step of chain(sparseopt, sgd) on ``grads``."""
+  params = _params() if params is None else params
+  tx = wrap(optax.chain(so.sparseopt(0.75, distribution="uniform", update_every=1, end_step=10,
+                                     seed=0), optax.sgd(0.1, momentum=0.9)))
   state = tx.init(params)
   params = so.apply_masks(params, state)
-  grads = _grads(params, 0)
-  grads["conv"]["kernel"] = grads["conv"]["kernel"].at[0, 0, 0, 3].set(bad)
-  _, new = jax.jit(lambda g, s, p: tx.update(g, s, p))(grads, state._replace(step=jnp.int32(1)),
-                                                        params)
-  # The leaf with the bad value keeps its mask; the clean leaf still updates; counts exact.
-  np.testing.assert_array_equal(new.masks["conv"]["kernel"], state.masks["conv"]["kernel"])
-  assert not np.array_equal(new.masks["dense"]["kernel"], state.masks["dense"]["kernel"])
-  assert int(new.masks["dense"]["kernel"].sum()) == int(state.masks["dense"]["kernel"].sum())
+  before = so.get_masks(state)
+  step = jax.jit(lambda p, s, g: so.apply_updates(p, *tx.update(g, s, p)))
+  params, state = step(params, state, _grads(params, 0))  # step 0: ordinary
+  params, state = step(params, state, grads)                 # step 1: mask update
+  return before, so.get_masks(state)
+
+
+def _changed(a, b):
+  return sum(int(jnp.sum(x != y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["sparse_kernel", "dense_bias"])
+def test_non_finite_gradients_never_drive_drop_or_growth(bad, where):
+  grads = _grads(_params(), 1)
+  clean_before, clean_after = _update_step_masks(grads)
+  assert _changed(clean_before, clean_after) > 0  # the same step moves masks when finite
+  if where == "sparse_kernel":
+    grads["conv"]["kernel"] = grads["conv"]["kernel"].at[0, 0, 0, 3].set(bad)
+  else:
+    grads["conv"]["bias"] = grads["conv"]["bias"].at[2].set(bad)
+  before, after = _update_step_masks(grads)
+  chex.assert_trees_all_equal(before, after)
+
+
+@pytest.mark.parametrize("placement", ["around_the_chain", "inside_the_chain"])
+def test_a_step_apply_if_finite_skips_leaves_the_masks_untouched(placement):
+  grads = _grads(_params(), 1)
+  grads["dense"]["kernel"] = grads["dense"]["kernel"].at[1, 1].set(np.nan)
+  if placement == "around_the_chain":
+    wrap = lambda tx: optax.apply_if_finite(tx, max_consecutive_errors=5)
+    before, after = _update_step_masks(grads, wrap=wrap)
+  else:
+    params = _params()
+    tx = optax.chain(so.sparseopt(0.75, distribution="uniform", update_every=1, end_step=10),
+                     optax.apply_if_finite(optax.sgd(0.1, momentum=0.9), 5))
+    state = tx.init(params)
+    params = so.apply_masks(params, state)
+    before = so.get_masks(state)
+    for g in (_grads(params, 0), grads):
+      params, state = so.apply_updates(params, *tx.update(g, state, params))
+    after = so.get_masks(state)
+    assert bool(jnp.all(jnp.isfinite(params["dense"]["kernel"])))
+  chex.assert_trees_all_equal(before, after)
+
+
+@pytest.mark.parametrize("params", [jnp.ones(5), jnp.ones((4, 6)), {"bias": jnp.zeros(3)}],
+                         ids=["vector", "matrix", "dict_of_vectors"])
+@pytest.mark.parametrize("inner", ["adam", "lion", "sgd"])
+def test_params_of_any_shape_work_with_all_dense_leaves_where_none_is_sparse(params, inner):
+  opt = {"adam": optax.adam(0.1), "lion": optax.lion(0.01), "sgd": optax.sgd(0.1)}[inner]
+  tx = optax.chain(so.sparseopt(0.5, distribution="uniform", update_every=2, end_step=10), opt)
+  state = tx.init(params)
+  params = so.apply_masks(params, state)
+  step = jax.jit(lambda p, s: so.apply_updates(p, *tx.update(jax.tree.map(jnp.ones_like, p), s, p)))
+  for _ in range(5):
+    params, state = step(params, state)
+  leaves = jax.tree.leaves(params)
+  assert all(bool(jnp.all(x < 1.0)) for x in leaves)  # every leaf moved
+  sparse = [m for m in jax.tree.leaves(so.get_masks(state), is_leaf=so.tree.is_none)
+            if m is not None]
+  assert len(sparse) == (1 if jnp.ndim(leaves[0]) >= 2 else 0)
+  # The topology stage's counter has a name of its own: tree_get finds optax's count alone.
+  if inner in ("adam", "lion"):
+    assert int(optax.tree_utils.tree_get(state, "count")) == 5
 
 
 def test_masks_are_the_same_eager_under_jit_and_abstractly():
@@ -211,3 +269,24 @@ def test_float_masks_other_than_zero_and_one_are_refused():
     so.sparseopt(0.9, masks=scores, topology="static")
   ok = so.sparseopt(0.5, masks={"w": (scores["w"] > 0.5).astype(jnp.float32)}, topology="static")
   assert so.get_masks(ok.init(params))["w"].dtype == jnp.bool_
+
+
+def test_under_multi_steps_update_every_counts_optimizer_steps():
+  """MultiSteps(k) calls the chain once per k micro-steps: the topology counts those calls,
+  so a mask update comes every update_every * k micro-steps (see update_every's docs)."""
+  k, update_every = 2, 3
+  tx = optax.MultiSteps(
+      optax.chain(so.sparseopt(0.75, distribution="uniform", update_every=update_every,
+                               end_step=20), optax.sgd(0.1, momentum=0.9)), every_k_schedule=k)
+  params = _params()
+  state = tx.init(params)
+  params = so.apply_masks(params, state)
+  step = jax.jit(lambda p, s, g: so.apply_updates(p, *tx.update(g, s, p)))
+  changed_at = []
+  for micro in range(1, 4 * update_every * k + 1):
+    before = so.get_masks(state)
+    params, state = step(params, state, _grads(params, micro))
+    if not jax.tree.all(jax.tree.map(jnp.array_equal, before, so.get_masks(state))):
+      changed_at.append(micro)
+  # Optimizer step t (0-based) runs at micro-step (t + 1) * k; updates at t = 3, 6, 9.
+  assert changed_at == [(t + 1) * k for t in (3, 6, 9)]

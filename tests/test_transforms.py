@@ -353,3 +353,28 @@ def test_topology_stage_alone_is_uncorrected_rigl(small_net):
       p, b, s, _, _ = step(p, b, s, batch)
     outs.append((p, so.get_masks(s)))
   chex.assert_trees_all_equal(outs[0], outs[1])
+
+
+def test_sparseopt_inside_one_multi_transform_branch():
+  """Different optimizers for different leaf groups, SparseOpt in one branch only."""
+  params = {"convs": {"kernel": jnp.ones((3, 3, 4, 8)), "bias": jnp.zeros(8)},
+            "head": {"kernel": jnp.ones((8, 5))}}
+  labels = {"convs": {"kernel": "sparse", "bias": "sparse"}, "head": {"kernel": "dense"}}
+  tx = optax.multi_transform(
+      {"sparse": optax.chain(so.sparseopt(0.75, distribution="uniform", update_every=2,
+                                          end_step=20), optax.sgd(0.1, momentum=0.9)),
+       "dense": optax.adam(1e-2)}, labels)
+  state = tx.init(params)
+  params = so.apply_masks(params, state)
+  masks = so.get_masks(state)
+  assert int(masks["convs"]["kernel"].sum()) == round(0.25 * 3 * 3 * 4 * 8)
+  step = jax.jit(lambda p, s, g: so.apply_updates(p, *tx.update(g, s, p)))
+  for i in range(7):
+    params, state = step(params, state, _random_like(params, i))
+  m = so.get_masks(state)["convs"]["kernel"]
+  assert not jnp.array_equal(m, masks["convs"]["kernel"])
+  assert not jnp.any((params["convs"]["kernel"] != 0) & ~m)
+  assert bool(jnp.all(params["head"]["kernel"] != 1.0))  # the dense branch trained
+  assert _assert_state_zero_where_pruned(state) >= 1
+  summary = so.sparsity_summary(state, params=params)
+  assert set(summary["leaves"]) == {"convs/kernel"} and summary["pruned_nonzero"] == 0
