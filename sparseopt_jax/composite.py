@@ -57,7 +57,7 @@ def sparseopt(
     masks: Any = None,
     seed: int = 0,
     bn_pairs: Mapping[str, str | None] | None = None,
-    neuron_axis: int = -1,
+    neuron_axis: int | None = None,
     bn_floor: float = 0.1,
 ) -> optax.GradientTransformationExtraArgs:
   """SparseOpt: dynamic sparse training with normalisation-aware skew correction.
@@ -87,7 +87,8 @@ def sparseopt(
     masks: optional initial masks, overriding ``sparsity`` and ``distribution``.
     seed: seed of the initial masks and of the topology noise.
     bn_pairs: kernel path -> BatchNorm path, for ``skew="bn"``.
-    neuron_axis: the neuron axis of every sparse leaf (last, for Flax).
+    neuron_axis: the neuron axis of every sparse leaf; None (default) by role:
+      the last axis, and (head, head_dim) of attention's query/key/value kernels.
     bn_floor: least factor in ``"bn"`` mode.
   """
   check_choice("grow_with", grow_with, GROW_WITH)

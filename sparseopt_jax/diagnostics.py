@@ -31,7 +31,8 @@ def _pruned_nonzero(params: Any, masks: Any) -> dict[str, tuple[int, int]]:
   return out
 
 
-def sparsity_summary(state: Any, neuron_axis: int = -1, *, params: Any = None) -> dict[str, Any]:
+def sparsity_summary(state: Any, neuron_axis: int | None = None, *,
+                     params: Any = None) -> dict[str, Any]:
   """Host-side summary of an optimizer state's masks, and of the params if given.
 
   Returns:
@@ -53,7 +54,8 @@ def sparsity_summary(state: Any, neuron_axis: int = -1, *, params: Any = None) -
   total = active = 0
   spreads = []
   for path, m in _masks_by_path(masks).items():
-    d = np.asarray(tree_lib.neuron_density(m, neuron_axis))
+    d = np.asarray(tree_lib.neuron_density(
+        m, tree_lib.neuron_axes(path, m.ndim, neuron_axis))).reshape(-1)
     n_active = int(jnp.sum(m))
     leaves[path] = {
         "size": int(m.size), "active": n_active, "sparsity": 1.0 - n_active / m.size,
@@ -106,7 +108,7 @@ def check_sparsity(params: Any, masks_or_state: Any) -> None:
 
 
 def neuron_grad_stats(grad: jax.Array, mask: jax.Array,
-                      neuron_axis: int = -1) -> tuple[jax.Array, jax.Array]:
+                      neuron_axis: int | tuple[int, ...] = -1) -> tuple[jax.Array, jax.Array]:
   """Per neuron: kept incoming weights, and mean square gradient over them (float32)."""
   axes = tree_lib.reduce_axes(grad.ndim, neuron_axis)
   kept = jnp.sum(mask, axis=axes, dtype=jnp.float32)
@@ -114,7 +116,8 @@ def neuron_grad_stats(grad: jax.Array, mask: jax.Array,
   return kept, ms
 
 
-def leaf_skew_slope(grad: jax.Array, mask: jax.Array, neuron_axis: int = -1) -> jax.Array:
+def leaf_skew_slope(grad: jax.Array, mask: jax.Array,
+                    neuron_axis: int | tuple[int, ...] = -1) -> jax.Array:
   """Least-squares slope of log rms(g over neuron i's surviving weights) on log d_i.
 
   About -0.5 when BatchNorm follows a sparse layer, about 0 once corrected
@@ -133,10 +136,11 @@ def leaf_skew_slope(grad: jax.Array, mask: jax.Array, neuron_axis: int = -1) -> 
                    jnp.nan)
 
 
-def skew_slope(grads: Any, masks: Any, neuron_axis: int = -1) -> dict[str, jax.Array]:
+def skew_slope(grads: Any, masks: Any, neuron_axis: int | None = None) -> dict[str, jax.Array]:
   """Per sparse leaf, :func:`leaf_skew_slope` of ``grads``. Takes masks or a state."""
   masks = masking.resolve_masks(masks)
   tree_lib.check_masks_like(masks, grads, what="masks")
   grads_by_path = {tree_lib.path_str(p): g for p, g in jax.tree_util.tree_leaves_with_path(grads)}
-  return {path: leaf_skew_slope(grads_by_path[path], m, neuron_axis)
+  return {path: leaf_skew_slope(grads_by_path[path], m,
+                                tree_lib.neuron_axes(path, m.ndim, neuron_axis))
           for path, m in _masks_by_path(masks).items()}

@@ -28,16 +28,16 @@ from sparseopt_jax import topology as topology_lib
 from sparseopt_jax import tree as tree_lib
 
 
-def _neuron_sharding(sharding: Any, ndim: int, neuron_axis: int, default: Any) -> Any:
-  """The 1-D sharding of a per-neuron vector of a leaf sharded by ``sharding``."""
+def _neuron_sharding(sharding: Any, axes: tuple[int, ...], ndim: int, default: Any) -> Any:
+  """The sharding of the per-neuron values of a leaf sharded by ``sharding``."""
   if not isinstance(sharding, NamedSharding):
     return default
   spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
-  return NamedSharding(sharding.mesh, P(spec[neuron_axis % ndim]))
+  return NamedSharding(sharding.mesh, P(*(spec[a] for a in axes)))
 
 
 def state_shardings(tx: optax.GradientTransformation, params: Any, param_shardings: Any,
-                    default: Any, *, neuron_axis: int = -1) -> Any:
+                    default: Any, *, neuron_axis: int | None = None) -> Any:
   """Shardings for ``tx.init(params)``, e.g. ``jax.jit(tx.init, out_shardings=...)``.
 
   Args:
@@ -68,9 +68,13 @@ def state_shardings(tx: optax.GradientTransformation, params: Any, param_shardin
       return node
     if isinstance(shape, masking.MaskState):
       return masking.MaskState(masks=like_params(shape.masks))
-    factors = jax.tree.map(
-        lambda m, s: m if tree_lib.is_none(m) else _neuron_sharding(s, len(m.shape), neuron_axis, default),
-        shape.masks, param_shardings, is_leaf=tree_lib.is_none)
+    def factor_sharding(p, m, s):
+      if tree_lib.is_none(m):
+        return m
+      axes = tree_lib.neuron_axes(tree_lib.path_str(p), len(m.shape), neuron_axis)
+      return _neuron_sharding(s, axes, len(m.shape), default)
+    factors = jax.tree_util.tree_map_with_path(factor_sharding, shape.masks, param_shardings,
+                                               is_leaf=tree_lib.is_none)
     return shape._replace(
         step=default, key=default, changed=default, masks=like_params(shape.masks),
         ever_active=jax.tree.map(lambda _: default, shape.ever_active), density_factors=factors)

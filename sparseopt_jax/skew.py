@@ -50,19 +50,22 @@ def density_factors(densities: jax.Array) -> jax.Array:
   return jnp.where(mean > 0, jnp.sqrt(densities / safe), 0.0)
 
 
-def mask_density_factors(masks: Any, neuron_axis: int, xp: Any = jnp) -> Any:
+def mask_density_factors(masks: Any, neuron_axis: int | None, xp: Any = jnp) -> Any:
   """Per sparse leaf of ``masks``, c_i of the density rule from its per-neuron counts.
 
   c_i = sqrt(d_i / mean_j d_j) = sqrt(count_i * n_neurons / n_active) for a
   common fan-in; the same float32 operations in numpy (``xp=np``, at init) and
-  in XLA (after a mask update), so both give the same bits.
+  in XLA (after a mask update). Shaped like the leaf's neuron axes
+  (:func:`~sparseopt_jax.tree.neuron_axes`).
   """
-  def leaf(m):
-    counts = xp.sum(m, axis=tree_lib.reduce_axes(m.ndim, neuron_axis), dtype=xp.int32)
+  def leaf(p, m):
+    if tree_lib.is_none(m):
+      return m
+    axes = tree_lib.neuron_axes(tree_lib.path_str(p), m.ndim, neuron_axis)
+    counts = xp.sum(m, axis=tree_lib.reduce_axes(m.ndim, axes), dtype=xp.int32)
     total = xp.maximum(xp.sum(counts), 1).astype(xp.float32)
-    return xp.sqrt((counts * counts.shape[0]).astype(xp.float32) / total).astype(xp.float32)
-  return jax.tree.map(lambda m: m if tree_lib.is_none(m) else leaf(m), masks,
-                      is_leaf=tree_lib.is_none)
+    return xp.sqrt((counts * counts.size).astype(xp.float32) / total).astype(xp.float32)
+  return jax.tree_util.tree_map_with_path(leaf, masks, is_leaf=tree_lib.is_none)
 
 
 def bn_factors(variance: jax.Array, epsilon: float, floor: float) -> jax.Array:
@@ -105,7 +108,7 @@ def skew_correct(
     *,
     masks: Any = None,
     bn_pairs: Mapping[str, str | None] | None = None,
-    neuron_axis: int = -1,
+    neuron_axis: int | None = None,
     bn_epsilon: float = 1e-5,
     bn_floor: float = 0.1,
 ) -> optax.GradientTransformationExtraArgs:
@@ -121,8 +124,9 @@ def skew_correct(
     bn_pairs: ``{kernel path: BatchNorm path in batch_stats, or None}``; with
       mode ``"bn"``, ``update`` needs ``batch_stats=``. Unmapped sparse leaves
       use the density formula.
-    neuron_axis: the axis of a leaf that indexes neurons (last for Flax HWIO
-      conv kernels and (in, out) dense kernels).
+    neuron_axis: the axis of every leaf that indexes neurons; None (default)
+      by role: the last axis (Flax HWIO conv and (in, out) dense kernels), and
+      each (head, head_dim) pair of attention's query/key/value kernels.
     bn_epsilon: added to the variances, as BatchNorm does.
     bn_floor: the least factor in "bn" mode, so a channel whose weights are all
       newly grown (variance ~ 0) is not frozen.
@@ -175,10 +179,11 @@ def skew_correct(
       if path in variances:
         var = variances[path]
         if var.shape != c.shape:
-          raise ValueError(f"the BatchNorm {pairs[path]!r} has {var.shape[0]} features but "
-                           f"{path!r} has {c.shape[0]} neurons on axis {neuron_axis}")
+          raise ValueError(f"the BatchNorm {pairs[path]!r} has {var.shape} features but "
+                           f"{path!r} has {c.shape} neurons")
         c = bn_factors(var, bn_epsilon, bn_floor)
-      return u * tree_lib.per_neuron(c, u.ndim, neuron_axis).astype(u.dtype)
+      axes = tree_lib.neuron_axes(path, u.ndim, neuron_axis)
+      return u * tree_lib.per_neuron(c, u.ndim, axes).astype(u.dtype)
 
     updates = jax.tree_util.tree_map_with_path(scale, factors, updates,
                                                is_leaf=tree_lib.is_none)

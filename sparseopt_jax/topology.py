@@ -201,7 +201,7 @@ def topology_update(
     drop_fraction: float = 0.3,
     end_step: int | None = None,
     seed: int = 0,
-    neuron_axis: int = -1,
+    neuron_axis: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Own the masks, change them with RigL/SET, and zero the pruned gradients.
 
@@ -228,7 +228,8 @@ def topology_update(
       required unless ``topology="static"``.
     seed: seed of the initial masks and of the update's random keys.
     neuron_axis: the neuron axis of every sparse leaf, for the cached
-      per-neuron density factors.
+      per-neuron density factors; None (default) by role
+      (:func:`~sparseopt_jax.tree.neuron_axes`).
 
   ``update(updates, state, params, *, grow_grads=None, mask_update=None,
   **extra)``: ``params`` is required (drop ranks |w|); RigL ranks

@@ -70,8 +70,20 @@ def map_with_masks(fn: Callable, masks: Any, *trees: Any) -> Any:
 
 
 def default_sparse_filter(path: str, leaf: Any) -> bool:
+  """The default: kernels (see :func:`sparse_shapes`); this is its fallback, ndim >= 2."""
   del path
   return jnp.ndim(leaf) >= 2
+
+
+def role(path: str) -> str:
+  """A leaf's name in its layer: the last path entry (before NNX's ``/value``)."""
+  parts = path.split("/")
+  return parts[-2] if parts[-1] == "value" and len(parts) > 1 else parts[-1]
+
+
+def kernel_filter(path: str, leaf: Any) -> bool:
+  """Conv, dense and attention kernels: leaves named ``kernel`` with ndim >= 2."""
+  return role(path) == "kernel" and jnp.ndim(leaf) >= 2
 
 
 def make_sparse_filter(sparse_filter: SparseFilter) -> Callable[[str, Any], bool]:
@@ -92,7 +104,16 @@ def make_sparse_filter(sparse_filter: SparseFilter) -> Callable[[str, Any], bool
 
 
 def sparse_shapes(params: Any, sparse_filter: Callable[[str, Any], bool]) -> dict[str, tuple]:
-  """``{path: shape}`` of the leaves that ``sparse_filter`` selects, in tree order."""
+  """``{path: shape}`` of the leaves that ``sparse_filter`` selects, in tree order.
+
+  The default filter selects by role: when any leaf is named ``kernel`` (Flax's
+  conv, dense and attention layers), the kernels alone, so that biases of
+  shape (heads, head_dim), embedding tables and positional embeddings stay
+  dense; in a tree that names no leaf ``kernel``, every leaf with ndim >= 2.
+  """
+  if sparse_filter is default_sparse_filter and any(
+      role(path) == "kernel" for path in leaf_paths(params)):
+    sparse_filter = kernel_filter
   shapes = {}
   for p, leaf in jax.tree_util.tree_leaves_with_path(params):
     path = path_str(p)
@@ -104,36 +125,63 @@ def sparse_shapes(params: Any, sparse_filter: Callable[[str, Any], bool]) -> dic
   return shapes
 
 
-def check_neuron_axis(neuron_axis: int) -> int:
-  if not isinstance(neuron_axis, int) or isinstance(neuron_axis, bool):
-    raise ValueError(f"neuron_axis must be an int, got {neuron_axis!r}")
+def check_neuron_axis(neuron_axis: int | None) -> int | None:
+  if neuron_axis is not None and (not isinstance(neuron_axis, int) or isinstance(neuron_axis, bool)):
+    raise ValueError(f"neuron_axis must be None (by role) or an int, got {neuron_axis!r}")
   return neuron_axis
 
 
-def check_neuron_axis_fits(shapes: dict[str, tuple], neuron_axis: int) -> None:
+def check_neuron_axis_fits(shapes: dict[str, tuple], neuron_axis: int | None) -> None:
   """Raise ValueError naming the first sparse leaf that has no axis ``neuron_axis``."""
+  if neuron_axis is None:
+    return
   for path, shape in shapes.items():
     if not -len(shape) <= neuron_axis < len(shape):
       raise ValueError(f"neuron_axis {neuron_axis} is out of range for the sparse leaf {path!r} "
                        f"of shape {tuple(shape)} ({len(shape)} axes)")
 
 
-def reduce_axes(ndim: int, neuron_axis: int) -> tuple[int, ...]:
-  """All axes of a leaf but its neuron axis: the fan-in of each neuron."""
-  axis = neuron_axis % ndim
-  return tuple(a for a in range(ndim) if a != axis)
+# Flax attention's query/key/value kernels: (in_features, heads, head_dim).
+_QKV_KERNEL = re.compile(r"(^|/)(query|key|value)/kernel(/value)?$")
 
 
-def per_neuron(values: jax.Array, ndim: int, neuron_axis: int) -> jax.Array:
-  """Reshape a vector of per-neuron values so it broadcasts against the leaf."""
+def neuron_axes(path: str, ndim: int, neuron_axis: int | None = None) -> tuple[int, ...]:
+  """The axes of a leaf that index its neurons (outputs); the others are each one's fan-in.
+
+  With ``neuron_axis`` given, that axis of every leaf. With None (the default),
+  by role: the last axis (Flax HWIO conv and (in, out) dense kernels, and
+  attention's output projection (heads, head_dim, out)), except for attention's
+  query/key/value kernels (in, heads, head_dim), whose neurons are the
+  (head, head_dim) pairs: pooling heads would mix unrelated units.
+  """
+  if neuron_axis is not None:
+    return (neuron_axis % ndim,)
+  if ndim == 3 and _QKV_KERNEL.search(path):
+    return (1, 2)
+  return (ndim - 1,)
+
+
+def _axes(ndim: int, axes: int | tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(a % ndim for a in ((axes,) if isinstance(axes, int) else axes))
+
+
+def reduce_axes(ndim: int, axes: int | tuple[int, ...]) -> tuple[int, ...]:
+  """All axes of a leaf but its neuron axes: the fan-in of each neuron."""
+  keep = _axes(ndim, axes)
+  return tuple(a for a in range(ndim) if a not in keep)
+
+
+def per_neuron(values: jax.Array, ndim: int, axes: int | tuple[int, ...]) -> jax.Array:
+  """Reshape per-neuron values (shaped like the neuron axes) to broadcast against the leaf."""
   shape = [1] * ndim
-  shape[neuron_axis % ndim] = values.shape[0]
+  for a, n in zip(_axes(ndim, axes), values.shape, strict=True):
+    shape[a] = n
   return values.reshape(shape)
 
 
-def neuron_density(mask: jax.Array, neuron_axis: int) -> jax.Array:
+def neuron_density(mask: jax.Array, axes: int | tuple[int, ...]) -> jax.Array:
   """d_i: the fraction of neuron i's incoming weights that the mask keeps (float32)."""
-  return jnp.mean(mask, axis=reduce_axes(mask.ndim, neuron_axis), dtype=jnp.float32)
+  return jnp.mean(mask, axis=reduce_axes(mask.ndim, axes), dtype=jnp.float32)
 
 
 def check_masks_like(masks: Any, params: Any, what: str = "masks") -> None:
