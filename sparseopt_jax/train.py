@@ -197,17 +197,25 @@ def make_grad_fn(setup: Setup):
 
 
 def make_skew_probe(setup: Setup):
-  """Mean skew slope over the sparse leaves of the raw and density-corrected gradient."""
-  correct = so.skew_correct("density")
+  """Mean skew slope over the sparse leaves of the raw gradient, and of the gradient as
+  the run's own correction leaves it (``skew_slope_corrected``, absent for ``skew=None``:
+  no correction ran): the density factors, or the BatchNorm-variance factors of
+  ``skew="bn"`` read from the state's running statistics."""
+  cfg = setup.config
+  correct = None if cfg.skew is None else so.skew_correct(
+      cfg.skew, bn_pairs=setup.bn_pairs if cfg.skew == "bn" else None)
   grad_fn = make_grad_fn(setup)
 
   def probe(state: TrainState, batch) -> dict:
     grads = grad_fn(state, batch)
     masks = so.get_masks(state.opt_state)
-    fixed, _ = correct.update(grads, correct.init(state.params), masks=masks)
     mean = lambda slopes: jnp.nanmean(jnp.stack(list(slopes.values())))
-    return {"skew_slope_raw": mean(so.skew_slope(grads, masks)),
-            "skew_slope_corrected": mean(so.skew_slope(fixed, masks))}
+    out = {"skew_slope_raw": mean(so.skew_slope(grads, masks))}
+    if correct is not None:
+      fixed, _ = correct.update(grads, correct.init(state.params), masks=masks,
+                                batch_stats=state.batch_stats)
+      out["skew_slope_corrected"] = mean(so.skew_slope(fixed, masks))
+    return out
   return probe
 
 

@@ -77,6 +77,11 @@ def test_cifar100_tfds_path_under_mock_data(tmp_path):
 
 
 def test_eight_devices_match_one_device():
+  """rtol 1e-4 holds here because the model is tiny (width 4) and the run short (3
+  steps): float32 sums over a sharded batch differ in their last bits, and this ReLU
+  network amplifies such differences ~10-50x a step (benchmarks/scaling.py measures
+  it against a run started one ulp away; at full width step 1 already differs by
+  1e-4). The claim tested is sharding correctness, not bitwise equality."""
   assert jax.device_count() >= 8
   cfg = tiny(steps=10, update_every=2)
   info = data.DatasetInfo("fashion_mnist", (28, 28, 1), 10, 4096, 10000)
