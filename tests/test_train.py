@@ -66,7 +66,7 @@ def test_other_arms_run_end_to_end(tmp_path, overrides):
 def test_cifar100_tfds_path_under_mock_data(tmp_path):
   import tensorflow_datasets as tfds
   cfg = presets.get_preset("cifar100_resnet20", width=4, steps=3, batch_size=16, eval_every=3,
-                           checkpoint_every=3, log_every=1, update_every=1)
+                           checkpoint_every=3, log_every=1, topology="static")
   # mock_data fakes the file system while tfds builds a pipeline: keep checkpoint
   # writes out of that window by making them synchronous.
   with tfds.testing.mock_data(num_examples=64):
@@ -103,7 +103,8 @@ def test_eight_devices_match_one_device():
   chex.assert_trees_all_equal(so.get_masks(finals[0].opt_state), so.get_masks(finals[1].opt_state))
 
 
-def test_model_parallel_run_matches_data_parallel(tmp_path):
+@pytest.mark.slow  # two runs on 2 and 8 simulated devices; tests/test_sharding.py covers the
+def test_model_parallel_run_matches_data_parallel(tmp_path):  # same layout in the default run
   """Kernels' output axes sharded over a 'model' mesh axis, masks and moments with them."""
   # Two steps, the second a mask update: this tiny ReLU net amplifies float32 rounding
   # (the sharded convolutions sum in another order) ~50x a step, so only the first
@@ -146,9 +147,10 @@ def test_resume_equals_training_straight(tmp_path):
 
 
 def test_workdir_with_checkpoints_needs_resume(tmp_path):
-  run(tiny(steps=5, checkpoint_every=5, update_every=2), tmp_path)
+  # Static masks: one compiled step variant is enough for what this test is about.
+  run(tiny(steps=5, checkpoint_every=5, topology="static"), tmp_path)
   with pytest.raises(ValueError, match="--resume"):
-    run(tiny(steps=5, checkpoint_every=5, update_every=2), tmp_path)
+    run(tiny(steps=5, checkpoint_every=5, topology="static"), tmp_path)
 
 
 def test_missing_or_corrupt_data_fails_before_training(tmp_path):
