@@ -68,7 +68,7 @@ PRESETS: dict[str, TrainConfig] = {
         dataset="fashion_mnist", model="resnet20", batch_size=128, steps=300,
         learning_rate=0.1, momentum=0.9, weight_decay=5e-4, sparsity=0.9, distribution="erk",
         topology="rigl", update_every=25, drop_fraction=0.3, end_fraction=0.75,
-        eval_every=100, checkpoint_every=100),
+        eval_every=50, checkpoint_every=100),
     # The paper's CIFAR-100 set-up (sec. 5; 90/95/97% with --sparsity, 100-500 epochs).
     "cifar100_resnet20": TrainConfig(
         dataset="cifar100", model="resnet20", batch_size=128, epochs=100, learning_rate=0.1,

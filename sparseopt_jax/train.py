@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import sys
@@ -33,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 import sparseopt_jax as so
 from sparseopt_jax import checkpointing, data, models, plotting, presets
+from sparseopt_jax import workdir as workdir_lib
 
 STEM_KERNEL = "conv_init/kernel"
 
@@ -254,7 +257,7 @@ def state_shardings(setup: Setup, mesh: jax.sharding.Mesh, state: TrainState) ->
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
   n = mesh.shape["data"]
   if batch_size % n or batch_size % jax.process_count():
-    raise ValueError(f"batch_size {batch_size} is not divisible by the {n} devices of the "
+    raise workdir_lib.UserError(f"batch_size {batch_size} is not divisible by the {n} devices of the "
                      f"mesh's 'data' axis ({jax.process_count()} processes) it is sharded over")
 
 
@@ -328,40 +331,63 @@ def evaluate(eval_step, state, dataset, batch_size, mesh) -> dict:
           "test_accuracy": float(totals["correct"] / totals["count"])}
 
 
-def _write_json(path: str, obj: Any) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
-
-
 def run(cfg: presets.TrainConfig, workdir: str, *, resume: bool = False,
         stop_at: int | None = None, num_devices: int | None = None,
-        progress: bool = True, async_checkpoints: bool = True) -> tuple[TrainState, dict]:
+        progress: bool = True, async_checkpoints: bool = True,
+        log=print) -> tuple[TrainState, dict]:
   """Train (or resume) a run in ``workdir``; returns the final state and last metrics row.
 
   ``stop_at`` stops after that step as if interrupted (a checkpoint is written),
-  so that a later ``resume=True`` run continues exactly there.
+  so that a later ``resume=True`` run continues exactly there. One process per
+  workdir at a time (``workdir/.lock``). A resumed run must have the stored
+  config but for :data:`~sparseopt_jax.workdir.SAFE_ON_RESUME` fields.
+
+  Raises:
+    workdir.UserError: for a busy workdir, a conflicting config, checkpoints
+      without ``resume``, or a batch the devices cannot split.
   """
   mesh = make_mesh(num_devices, cfg.model_parallel)
   check_batch_size(cfg.batch_size, mesh)
+  is_main = jax.process_index() == 0
+  with workdir_lib.lock(workdir) if is_main else contextlib.nullcontext():
+    return _run_locked(cfg, workdir, mesh, resume=resume, stop_at=stop_at, progress=progress,
+                       async_checkpoints=async_checkpoints, is_main=is_main, log=log)
+
+
+def _run_locked(cfg, workdir, mesh, *, resume, stop_at, progress, async_checkpoints, is_main,
+                log) -> tuple[TrainState, dict]:
+  # The data first: missing or corrupt files fail before anything is written.
   dataset = data.load(cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset)
-  local_batch = cfg.batch_size // jax.process_count()
-  setup = make_setup(cfg, dataset.info, dataset.steps_per_epoch(local_batch))
-  os.makedirs(workdir, exist_ok=True)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
                                     asynchronous=async_checkpoints)
-  if ckpt.latest_step() is not None and not resume:
-    raise ValueError(f"{workdir!r} already holds checkpoints (last step {ckpt.latest_step()}); "
-                     "pass --resume to continue it, or choose a new --workdir")
-  is_main = jax.process_index() == 0
-  if is_main:
-    _write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(cfg))
+  latest = ckpt.latest_step()
+  if latest is not None and not resume:
+    raise workdir_lib.UserError(
+        f"{workdir!r} already holds checkpoints (last step {latest}); pass --resume to continue "
+        "it, or choose a new --workdir")
+  if latest is None:
+    if resume:
+      log(f"--resume: no checkpoint in {workdir!r}: starting a new run")
+  else:
+    stored = workdir_lib.stored_config(workdir)
+    if stored is not None:
+      workdir_lib.check_resume_overrides(stored, dataclasses.asdict(cfg))
+  local_batch = cfg.batch_size // jax.process_count()
+  setup = make_setup(cfg, dataset.info, dataset.steps_per_epoch(local_batch))
+  if latest is None and is_main:
+    workdir_lib.write_config(workdir, cfg)  # a new run only: resume keeps the stored one
 
   state = create_train_state(setup, dataset.info.image_shape)
   shardings = state_shardings(setup, mesh, state)
   state = jax.device_put(state, shardings)
-  if resume and ckpt.latest_step() is not None:
+  if latest is not None:
     state = ckpt.restore(state)
   start = int(state.step)
+  metrics_log = workdir_lib.MetricsLog(workdir, start, write=is_main)
+  if start >= setup.num_steps:
+    log(f"the run in {workdir!r} is finished (step {start} of {setup.num_steps}); nothing to do")
+    ckpt.close()
+    return state, metrics_log.last
   train_jit, eval_step, probe = jit_steps(setup, mesh, shardings)
   train_step = HostScheduledStep(train_jit)
   dynamic = not cfg.dense and cfg.topology != "static" and start < setup.end_step
@@ -371,8 +397,31 @@ def run(cfg: presets.TrainConfig, workdir: str, *, resume: bool = False,
   from tqdm.auto import tqdm
   bar = tqdm(total=setup.num_steps, initial=start, disable=not (progress and is_main),
              unit="step", dynamic_ncols=True)
-  pending, row = [], {}
-  t_start, seen_images, t_mark = time.time(), 0, time.time()
+  t_start = time.time()
+
+  def record(step, batch, extra):
+    """Evaluate and append a metrics row (step 0: before any training)."""
+    row = {"step": step, "epoch": step / setup.steps_per_epoch, **extra,
+           **evaluate(eval_step, state, dataset, cfg.batch_size, mesh),
+           "wall_time": metrics_log.wall_time_offset + time.time() - t_start}
+    if probe is not None:
+      summary = so.sparsity_summary(state.opt_state, params=state.params)
+      row.update(sparsity=summary["sparsity"], params_sparsity=summary["params_sparsity"],
+                 pruned_nonzero=summary["pruned_nonzero"],
+                 density_spread=summary["density_spread"], exploration=summary["exploration"],
+                 **{k: float(v) for k, v in jax.device_get(probe(state, batch)).items()})
+    metrics_log.append(row)
+    if is_main:
+      bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in row.items()))
+    return row
+
+  if start == 0:  # a point before training, probed on the first batch
+    first = next(batches)
+    batches = itertools.chain([first], batches)
+    record(0, shard_batch(first, mesh), {})
+  pending, row = [], metrics_log.last
+  seen_images, t_mark = 0, time.time()
   for step in range(start + 1, last_step + 1):
     batch = shard_batch(next(batches), mesh)
     train_step.compile(state, batch, update_variant=dynamic)
@@ -386,22 +435,9 @@ def run(cfg: presets.TrainConfig, workdir: str, *, resume: bool = False,
                       img_s=f"{throughput:.0f}")
       bar.update(step - bar.n)
     if step % cfg.eval_every == 0 or step == setup.num_steps:
-      row = {"step": step, "epoch": step / setup.steps_per_epoch,
-             "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-             **evaluate(eval_step, state, dataset, cfg.batch_size, mesh),
-             "images_per_s": throughput, "wall_time": time.time() - t_start}
-      if probe is not None:
-        summary = so.sparsity_summary(state.opt_state, params=state.params)
-        row.update(sparsity=summary["sparsity"], params_sparsity=summary["params_sparsity"],
-                   pruned_nonzero=summary["pruned_nonzero"],
-                   density_spread=summary["density_spread"],
-                   exploration=summary["exploration"],
-                   **{k: float(v) for k, v in jax.device_get(probe(state, batch)).items()})
-      if is_main:
-        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-          f.write(json.dumps(row) + "\n")
-        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in row.items()))
+      row = record(step, batch, {"train_loss": train["loss"],
+                                 "train_accuracy": train["accuracy"],
+                                 "images_per_s": throughput})
     if step % cfg.log_every == 0:
       pending, seen_images, t_mark = [], 0, time.time()
     ckpt.save(step, state, force=step == last_step)
@@ -414,25 +450,69 @@ def run(cfg: presets.TrainConfig, workdir: str, *, resume: bool = False,
 # Command line
 
 
+# One line per TrainConfig field for --help; the preset gives the defaults.
+FLAG_HELP = {
+    "dataset": "fashion_mnist (offline), cifar10, cifar100 or imagenet2012 (TFDS)",
+    "model": "resnet20/32/56 (CIFAR) or resnet18/50 (ImageNet)",
+    "width": "channels of the first stage (the model's own if unset)",
+    "data_dir": "where the data lives (IDX files for fashion_mnist, a TFDS data_dir)",
+    "train_subset": "train on the first N training examples only",
+    "batch_size": "global batch, over all devices and processes",
+    "epochs": "training length in epochs (unless --steps)",
+    "steps": "training length in steps (overrides --epochs)",
+    "learning_rate": "peak learning rate (cosine decay)",
+    "warmup_epochs": "linear warm-up epochs",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum",
+    "weight_decay": "L2 weight decay (optax.add_decayed_weights)",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "dense": "plain SGD on the dense model, no sparseopt",
+    "sparsity": "target fraction of zeros over the sparse leaves",
+    "distribution": "layer budgets: uniform, erk or er",
+    "topology": "rigl, set or static",
+    "skew": "skew correction: density (the paper), bn (BatchNorm variance) or none",
+    "grow_with": "gradient RigL grows by: raw or corrected",
+    "update_every": "Delta-T: steps between mask updates",
+    "drop_fraction": "alpha: fraction of active weights replaced at the first update",
+    "end_fraction": "no mask updates after this fraction of training",
+    "dense_stem": "keep the first conv dense (RigL's ImageNet recipe)",
+    "dtype": "computation dtype of the model: float32 or bfloat16",
+    "model_parallel": "devices on the mesh's 'model' axis (kernels' output axes sharded)",
+    "seed": "seed of the init, the masks, the data order and the topology",
+    "eval_every": "steps between evaluations (a metrics.jsonl row each)",
+    "checkpoint_every": "steps between checkpoints",
+    "log_every": "steps between progress-bar updates",
+}
+
+
 def _config_flags(parser: argparse.ArgumentParser) -> None:
+  defaults = presets.PRESETS["fashion_mnist_resnet20"]
   for field in dataclasses.fields(presets.TrainConfig):
     flag = "--" + field.name.replace("_", "-")
+    default = getattr(defaults, field.name)
+    help_ = (f"{FLAG_HELP[field.name]} (default: the preset's; "
+             f"fashion_mnist_resnet20: {'none' if default is None else default})")
     if field.type in ("bool", bool):
-      parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+      parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
     elif field.name == "skew":
-      parser.add_argument(flag, choices=["density", "bn", "none"], default=None)
+      parser.add_argument(flag, choices=["density", "bn", "none"], default=None, help=help_)
     else:
       kind = field.type if isinstance(field.type, str) else field.type.__name__
       cast = int if kind.startswith("int") else float if kind.startswith("float") else str
-      parser.add_argument(flag, type=cast, default=None)
+      parser.add_argument(flag, type=cast, default=None, help=help_)
 
 
-def config_from_args(args: argparse.Namespace) -> presets.TrainConfig:
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+  """The config fields given on the command line."""
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(presets.TrainConfig)
                if getattr(args, f.name) is not None}
   if overrides.get("skew") == "none":
     overrides["skew"] = None
-  return presets.get_preset(args.preset, **overrides)
+  return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> presets.TrainConfig:
+  return presets.get_preset(args.preset, **overrides_from_args(args))
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -440,14 +520,18 @@ def train_parser() -> argparse.ArgumentParser:
       prog="sparseopt-train", description="Train a (sparse) ResNet with SparseOpt.",
       epilog="Subcommand: sparseopt-train plot RUN_DIR [RUN_DIR ...] --out FILE.png")
   parser.add_argument("--preset", default="fashion_mnist_resnet20",
-                      help=f"one of {sorted(presets.PRESETS)}")
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+                      help=f"one of {sorted(presets.PRESETS)} (default: %(default)s)")
+  parser.add_argument("--workdir", required=True,
+                      help="directory of the run: config, metrics, checkpoints")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue the run in --workdir from its last checkpoint, with its "
+                           f"stored config (only {', '.join(workdir_lib.SAFE_ON_RESUME)} may "
+                           "change)")
   parser.add_argument("--stop-at", type=int, default=None,
                       help="stop after this step as if interrupted (then --resume)")
   parser.add_argument("--distributed", action="store_true",
                       help="call jax.distributed.initialize() (multi-host)")
-  parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   _config_flags(parser)
   return parser
 
@@ -456,27 +540,37 @@ def plot_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="sparseopt-train plot",
                                    description="Plot runs' metrics against step into one PNG.")
   parser.add_argument("runs", nargs="+", help="workdirs holding metrics.jsonl")
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--metric", default="test_accuracy")
-  parser.add_argument("--labels", nargs="*", default=None)
+  parser.add_argument("--out", required=True, help="image file (.png if no extension)")
+  parser.add_argument("--metric", default="test_accuracy",
+                      help="a metrics.jsonl field (default: %(default)s)")
+  parser.add_argument("--labels", nargs="*", default=None, help="one legend label per run")
+  parser.add_argument("--title", default=None,
+                      help="figure title (default: data set, model, sparsity and steps)")
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  if argv[:1] == ["plot"]:
-    args = plot_parser().parse_args(argv[1:])
-    print(plotting.plot_runs(args.runs, args.out, args.metric, args.labels))
-    return 0
-  args = train_parser().parse_args(argv)
   try:
-    cfg = config_from_args(args)
-  except ValueError as e:
-    train_parser().error(str(e))
-  if args.distributed:
-    jax.distributed.initialize()
-  _, row = run(cfg, args.workdir, resume=args.resume, stop_at=args.stop_at,
-               progress=not args.no_progress)
+    if argv[:1] == ["plot"]:
+      args = plot_parser().parse_args(argv[1:])
+      print(plotting.plot_runs(args.runs, args.out, args.metric, args.labels, args.title))
+      return 0
+    args = train_parser().parse_args(argv)
+    try:
+      cfg = (workdir_lib.config_for_resume(args.workdir, overrides_from_args(args))
+             if args.resume else None) or config_from_args(args)
+    except workdir_lib.UserError:
+      raise
+    except ValueError as e:
+      train_parser().error(str(e))
+    if args.distributed:
+      jax.distributed.initialize()
+    _, row = run(cfg, args.workdir, resume=args.resume, stop_at=args.stop_at,
+                 progress=not args.no_progress)
+  except (workdir_lib.UserError, data.DataError, plotting.PlotError) as e:
+    print(f"sparseopt-train: error: {e}", file=sys.stderr)
+    return 2
   print(json.dumps(row))
   return 0
 

@@ -31,8 +31,9 @@ def test_tiny_preset_trains_on_real_fashion_mnist(tmp_path):
   cfg = tiny(eval_every=10)
   state, row = run(cfg, tmp_path / "run")
   rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
-  assert [r["step"] for r in rows] == [10, 20, 30, 40]
-  assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+  assert [r["step"] for r in rows] == [0, 10, 20, 30, 40]  # a point before training too
+  assert rows[-1]["train_loss"] < rows[1]["train_loss"]
+  assert rows[-1]["test_loss"] < rows[0]["test_loss"]
   assert rows[-1]["test_accuracy"] > 0.15  # chance is 0.1
   for key in ("test_loss", "sparsity", "params_sparsity", "density_spread", "exploration",
               "skew_slope_raw", "skew_slope_corrected", "images_per_s", "wall_time", "epoch"):

@@ -1,0 +1,143 @@
+"""A run's working directory: its lock, its stored config, and its metrics log.
+
+A workdir holds one run: ``config.json`` (written when the run starts, read
+back on ``--resume``), ``metrics.jsonl`` (one row per evaluation), the orbax
+``checkpoints/`` and, while a process trains in it, ``.lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from typing import Any
+
+from sparseopt_jax import presets
+
+
+class UserError(ValueError):
+  """A problem with what the user asked for (flags, workdir, data), not a bug: the
+  command line prints its message on one line and exits with status 2."""
+
+
+# Fields a resumed run may change: they lengthen or re-pace the run, or say where the
+# data lives, without changing what the checkpoint's state means.
+SAFE_ON_RESUME = ("steps", "epochs", "eval_every", "checkpoint_every", "log_every", "data_dir")
+
+CONFIG, METRICS, LOCK = "config.json", "metrics.jsonl", ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, someone else's
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+  """Hold ``workdir/.lock`` (our pid) while training; a second process is refused.
+
+  A lock left by a process that no longer exists (killed) is taken over.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK)
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      break
+    except FileExistsError:
+      try:
+        with open(path) as f:
+          pid = int(f.read().strip() or 0)
+      except (OSError, ValueError):
+        pid = 0
+      if pid and pid != os.getpid() and _pid_alive(pid):
+        raise UserError(f"{workdir!r} is in use by process {pid} (lock file {path}); wait for "
+                        "it to finish or choose another --workdir") from None
+      os.remove(path)  # stale: its process is gone
+  else:  # pragma: no cover - lost a race twice
+    raise UserError(f"could not take the lock {path}")
+  with os.fdopen(fd, "w") as f:
+    f.write(str(os.getpid()))
+  try:
+    yield path
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
+
+
+def stored_config(workdir: str) -> dict | None:
+  path = os.path.join(workdir, CONFIG)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_config(workdir: str, cfg: presets.TrainConfig) -> None:
+  with open(os.path.join(workdir, CONFIG), "w") as f:
+    json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+
+def config_for_resume(workdir: str, overrides: dict[str, Any]) -> presets.TrainConfig | None:
+  """The stored config of ``workdir`` with the safe ``overrides`` (flags given on the
+  command line) applied; None if the workdir holds no config.
+
+  Raises:
+    UserError: if an override changes a field that a resumed run must keep.
+  """
+  stored = stored_config(workdir)
+  if stored is None:
+    return None
+  check_resume_overrides(stored, overrides)
+  return dataclasses.replace(presets.TrainConfig(**stored), **overrides)
+
+
+def check_resume_overrides(stored: dict, overrides: dict[str, Any]) -> None:
+  conflicts = {k: (stored.get(k), v) for k, v in overrides.items()
+               if k not in SAFE_ON_RESUME and stored.get(k) != v}
+  if conflicts:
+    listed = ", ".join(f"--{k.replace('_', '-')} {new!r} (the run has {old!r})"
+                       for k, (old, new) in conflicts.items())
+    raise UserError(f"--resume continues the stored run, which these flags would change: "
+                    f"{listed}. Only {', '.join('--' + k.replace('_', '-') for k in SAFE_ON_RESUME)} "
+                    "may change on resume; start a new --workdir for another configuration")
+
+
+class MetricsLog:
+  """``metrics.jsonl`` of a run that (re)starts at ``start_step``.
+
+  Rows past ``start_step`` (written after the checkpoint the run resumes from)
+  are dropped, so no step appears twice, and wall time carries on from the last
+  kept row rather than restarting at zero.
+  """
+
+  def __init__(self, workdir: str, start_step: int, *, write: bool = True):
+    self.path = os.path.join(workdir, METRICS)
+    self.write = write
+    rows = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    self.rows = [r for r in rows if r.get("step", 0) <= start_step]
+    if write and len(self.rows) != len(rows):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in self.rows)
+      os.replace(tmp, self.path)
+    self.wall_time_offset = float(self.rows[-1].get("wall_time", 0.0)) if self.rows else 0.0
+
+  @property
+  def last(self) -> dict:
+    return self.rows[-1] if self.rows else {}
+
+  def append(self, row: dict) -> None:
+    self.rows.append(row)
+    if self.write:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
