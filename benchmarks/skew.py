@@ -19,8 +19,9 @@ initialisation and after ``--steps`` training steps, on the same
 one), for
 
 * the raw gradient of the loss (train-mode BatchNorm, as in a train step), and
-* the density-corrected gradient, ``so.skew_correct('density', masks=...)``
-  applied to it with the masks of that moment;
+* the corrected gradient: the run's own correction applied to it with the
+  masks (and, for ``--skew bn``, the BatchNorm statistics) of that moment, or
+  for the uncorrected baseline the density rule as a what-if;
 
 each slope is the mean over the probe batches (std in the JSON). The mean slope
 over the sparse layers is also traced every ``--trace-every`` steps on the first
@@ -28,8 +29,9 @@ probe batch, to show what the mask updates do to it.
 
 Note: the density correction multiplies neuron i's gradient by
 sqrt(d_i / mean d), which adds exactly 0.5 * log d_i + const to the log rms, so
-the corrected slope is the raw slope + 0.5 by construction; the JSON records the
-largest deviation from that identity as a check.
+with the density rule the corrected slope is the raw slope + 0.5 by
+construction (the JSON records the largest deviation from that identity as a
+check); only ``--skew bn`` measures a correction that is not fixed by the masks.
 
 Writes ``<out>/skew<tag>.json`` (machine, date, config, per-layer slopes,
 per-stage pooled slopes, trace, per-neuron data) and ``<out>/skew<tag>.png``
@@ -85,21 +87,35 @@ def stage_of(path: str) -> str:
   return top
 
 
+def correction_of(cfg: presets.TrainConfig) -> str:
+  """The correction the probe applies: the run's own, or for an uncorrected run the
+  density rule as a what-if (whose slope is the raw one + 0.5 by construction)."""
+  return cfg.skew or "density"
+
+
+def correction_of_name(results: dict) -> str:
+  return results.get("correction", "density")
+
+
 def make_neuron_probe(setup: train.Setup):
   """``probe(state, batch)`` -> per masked leaf: kept weights, mean square gradient per
-  surviving weight (raw and density-corrected) per neuron, and the two skew slopes.
+  surviving weight (raw and corrected) per neuron, and the two skew slopes.
 
   The gradient is the one a train step sees (train-mode BatchNorm, no label
   smoothing), as in ``train.make_skew_probe``, which reports only the mean slope.
+  "Corrected" applies the run's own correction (:func:`correction_of`): with
+  ``--skew bn`` the BatchNorm-variance factors from the state's running statistics.
   """
   grad_fn = train.make_grad_fn(setup)
   per_neuron_ms = so.diagnostics.neuron_grad_stats
+  mode = correction_of(setup.config)
+  correct = so.skew_correct(mode, bn_pairs=setup.bn_pairs if mode == "bn" else None)
 
   def probe(state: train.TrainState, batch) -> dict:
     grads = grad_fn(state, batch)
     masks = so.get_masks(state.opt_state)
-    correct = so.skew_correct("density", masks=masks)
-    fixed, _ = correct.update(grads, correct.init(state.params))
+    fixed, _ = correct.update(grads, correct.init(state.params), masks=masks,
+                              batch_stats=state.batch_stats)
     out = {"slope_raw": so.skew_slope(grads, masks),
            "slope_corrected": so.skew_slope(fixed, masks),
            "kept": {}, "fan_in": {}, "ms_raw": {}, "ms_corrected": {}}
@@ -220,9 +236,13 @@ def markdown(results: dict) -> str:
       f"train loss {results['train']['final_loss']:.3f}, "
       f"accuracy {results['train']['final_accuracy']:.3f} (mean of the last "
       f"{results['train']['last_k']} steps); exploration {results['exploration']:.3f}.",
-      f"Corrected = density-corrected gradient (so.skew_correct('density', masks=...)); "
-      f"by construction it is raw + 0.5 (largest deviation measured: "
-      f"{results['checks']['corrected_minus_raw_minus_half_max_abs']:.1e}).",
+      (f"Corrected = the gradient after skew_correct({results['correction']!r}), the run's own "
+       "correction; with 'bn' the factors come from the BatchNorm running variances."
+       if results["correction"] == "bn" else
+       f"Corrected = density-corrected gradient (so.skew_correct('density', masks=...)"
+       f"{', the run' + chr(39) + 's own correction' if results['config']['skew'] else ', a what-if for this uncorrected run'}); "
+       f"by construction it is raw + 0.5 (largest deviation measured: "
+       f"{results['checks']['corrected_minus_raw_minus_half_max_abs']:.1e})."),
       f"Dense leaves (ERK gives them density 1, slope undefined): "
       f"{', '.join(p.removesuffix('/kernel') for p in results['dense_leaves']) or 'none'}.",
   ]
@@ -282,7 +302,7 @@ def plot(results: dict, path: str) -> str:
     ax = fig.add_subplot(grid[:, -1])
     steps_t = [t["step"] for t in trace]
     ax.plot(steps_t, [t["raw"] for t in trace], marker=".", label="raw")
-    ax.plot(steps_t, [t["corrected"] for t in trace], marker=".", label="density-corrected")
+    ax.plot(steps_t, [t["corrected"] for t in trace], marker=".", label=f"corrected ({correction_of_name(results)})")
     for i, t in enumerate(results["mask_update_steps"]):
       ax.axvline(t, color="grey", lw=0.5, ls=":", label="mask update" if i == 0 else None)
     ax.axhline(0, color="black", lw=0.5)
@@ -294,7 +314,8 @@ def plot(results: dict, path: str) -> str:
   cfg = results["config"]
   fig.suptitle(f"ResNet-20 {cfg['sparsity']:.0%} {cfg['distribution'].upper()}, "
                f"{cfg['topology']} skew={cfg['skew']}, Fashion-MNIST: "
-               f"raw (top) and density-corrected (bottom) gradient, init vs step {steps}",
+               f"raw (top) and {correction_of_name(results)}-corrected (bottom) gradient, init vs "
+               f"step {steps}",
                fontsize=10)
   fig.tight_layout(rect=(0, 0, 1, 0.96))
   fig.savefig(path, dpi=110)
@@ -439,6 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
       "sparsity": summary1["sparsity"], "exploration": summary1["exploration"],
       "density_spread_init": summary0["density_spread"],
       "density_spread_trained": summary1["density_spread"],
+      "correction": correction_of(cfg),
       "checks": {"corrected_minus_raw_minus_half_max_abs": dev},
       "timings_s": {"train": t_train, "train_per_step": t_train / steps,
                     "probe_at_init_incl_compile": t_probe},

@@ -179,3 +179,23 @@ def test_unknown_preset_or_bad_flag_is_a_clear_cli_error(tmp_path, capsys):
   with pytest.raises(SystemExit):
     train.main(["--workdir", str(tmp_path), "--sparsity", "1.2"])
   assert "sparsity" in capsys.readouterr().err
+
+
+def test_the_corrected_skew_metric_measures_the_correction_that_ran():
+  info = data.DatasetInfo("fashion_mnist", (28, 28, 1), 10, 4096, 10000)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(32, 28, 28, 1)).astype(np.float32),
+           "label": rng.integers(0, 10, 32).astype(np.int32)}
+  out = {}
+  for skew in ("density", "bn", None):
+    setup = train.make_setup(tiny(skew=skew), info, steps_per_epoch=64)
+    state = train.create_train_state(setup, info.image_shape)
+    # Running variances that differ from what the density rule assumes.
+    state = state.replace(batch_stats=jax.tree_util.tree_map_with_path(
+        lambda p, x: x * (1 + jnp.arange(x.shape[-1]) % 3) if p[-1].key == "var" else x,
+        state.batch_stats))
+    out[skew] = jax.device_get(jax.jit(train.make_skew_probe(setup))(state, batch))
+  # The density rule adds exactly 0.5 to every slope; the BatchNorm factors do not.
+  assert abs(out["density"]["skew_slope_corrected"] - out["density"]["skew_slope_raw"] - 0.5) < 1e-3
+  assert abs(out["bn"]["skew_slope_corrected"] - out["bn"]["skew_slope_raw"] - 0.5) > 1e-2
+  assert "skew_slope_corrected" not in out[None]
