@@ -71,8 +71,6 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import sparseopt_jax as so
 from sparseopt_jax import data, presets, train

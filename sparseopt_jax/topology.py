@@ -284,8 +284,8 @@ def topology_update(
     tree_lib.check_neuron_axis_fits(
         {tree_lib.path_str(p): m.shape for p, m in jax.tree_util.tree_leaves_with_path(
             host_masks, is_leaf=tree_lib.is_none) if not tree_lib.is_none(m)}, neuron_axis)
-    to_device = lambda tree: jax.tree.map(lambda x: x if tree_lib.is_none(x) else jnp.asarray(x), tree,
-                                          is_leaf=tree_lib.is_none)
+    to_device = lambda tree: jax.tree.map(
+        lambda x: x if tree_lib.is_none(x) else jnp.asarray(x), tree, is_leaf=tree_lib.is_none)
     return TopologyState(
         step=jnp.zeros([], jnp.int32),
         key=jax.random.fold_in(jax.random.PRNGKey(seed), 0x70B0),

@@ -3,7 +3,6 @@ query/key/value kernel's neurons are its (head, head_dim) pairs."""
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
