@@ -18,11 +18,16 @@ def machine_info() -> dict:
   except AttributeError:  # pragma: no cover - not Linux
     affinity = None
   info = {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-      "python": platform.python_version(), "cpu_count": os.cpu_count(),
-      "cpus_usable": affinity, "jax": jax.__version__, "backend": jax.default_backend(),
-      "devices": [str(d) for d in jax.devices()], "device_kind": jax.devices()[0].device_kind,
+      "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+      "platform": platform.platform(),
+      "processor": platform.processor() or platform.machine(),
+      "python": platform.python_version(),
+      "cpu_count": os.cpu_count(),
+      "cpus_usable": affinity,
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "devices": [str(d) for d in jax.devices()],
+      "device_kind": jax.devices()[0].device_kind,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
   try:
@@ -31,7 +36,9 @@ def machine_info() -> dict:
     pass
   try:
     with open("/proc/cpuinfo") as f:
-      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+      names = [
+          ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")
+      ]
     if names:
       info["cpu_model"] = names[0]
   except OSError:  # pragma: no cover
@@ -39,7 +46,9 @@ def machine_info() -> dict:
   return info
 
 
-def save_results(results: dict, out: str, stem: str, plot, t_start: float) -> tuple[str, str]:
+def save_results(
+    results: dict, out: str, stem: str, plot, t_start: float
+) -> tuple[str, str]:
   """Add wall time and end load to ``results``; write ``<out>/<stem>.json`` and ``.png``."""
   results["wall_s"] = time.perf_counter() - t_start
   try:
@@ -56,6 +65,7 @@ def save_results(results: dict, out: str, stem: str, plot, t_start: float) -> tu
 def save_figure(fig, path: str) -> str:
   """Lay out, write at 110 dpi and close a matplotlib figure; returns ``path``."""
   import matplotlib.pyplot as plt
+
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -7,7 +7,7 @@
 Arms (every one with the same seeds, data order, initial weights and initial masks):
 dense SGD; RigL and SET with skew=None (the baseline), "density" (the paper) and
 "bn"; RigL with grow_with="corrected" at the first sparsity. Each arm trains with
-the training program (``sparseopt_jax.train.run``) into its own workdir, which is
+the training program (``sparseopt_jax.training.train.run``) into its own workdir, which is
 reused if complete, so an interrupted sweep resumes where it stopped.
 
 Default scale (2 CPU cores): ResNet-20 at half the paper's width (channels
@@ -32,7 +32,11 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import machine_info, save_figure  # noqa: E402  (benchmarks/ is not a package)
-PRESET = {"fashion_mnist": "fashion_mnist_resnet20", "cifar100": "cifar100_resnet20"}
+
+PRESET = {
+    "fashion_mnist": "fashion_mnist_resnet20",
+    "cifar100": "cifar100_resnet20",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,24 +55,43 @@ def default_arms(sparsities) -> list[Arm]:
   for s in sparsities:
     for topo in ("rigl", "set"):
       for skew in (None, "density", "bn"):
-        arms.append(Arm(f"{topo}{round(s * 100)}_{skew or 'base'}",
-                        {"sparsity": s, "topology": topo, "skew": skew}))
+        arms.append(
+            Arm(
+                f"{topo}{round(s * 100)}_{skew or 'base'}",
+                {"sparsity": s, "topology": topo, "skew": skew},
+            )
+        )
   s = sparsities[0]
-  arms.append(Arm(f"rigl{round(s * 100)}_density_growcorr",
-                  {"sparsity": s, "topology": "rigl", "skew": "density",
-                   "grow_with": "corrected"}))
+  arms.append(
+      Arm(
+          f"rigl{round(s * 100)}_density_growcorr",
+          {
+              "sparsity": s,
+              "topology": "rigl",
+              "skew": "density",
+              "grow_with": "corrected",
+          },
+      )
+  )
   return arms
 
 
 def run_config(args, arm: Arm, seed: int):
-  from sparseopt_jax import presets
-  common = dict(seed=seed, batch_size=args.batch_size, update_every=args.update_every)
+  from sparseopt_jax.training import presets
+
+  common = dict(
+      seed=seed, batch_size=args.batch_size, update_every=args.update_every
+  )
   if args.full:
     common.update(epochs=args.epochs, steps=None)
   else:
-    common.update(width=args.width, steps=args.steps, train_subset=args.train_subset,
-                  eval_every=max(1, args.steps // args.evals),
-                  checkpoint_every=args.steps)
+    common.update(
+        width=args.width,
+        steps=args.steps,
+        train_subset=args.train_subset,
+        eval_every=max(1, args.steps // args.evals),
+        checkpoint_every=args.steps,
+    )
   return presets.get_preset(PRESET[args.dataset], **{**common, **arm.overrides})
 
 
@@ -79,32 +102,46 @@ def budget_tag(args) -> str:
 
 
 def workdir(args, arm: Arm, seed: int) -> str:
-  return os.path.join(args.out, "convergence_runs", budget_tag(args), f"{arm.name}_seed{seed}")
+  return os.path.join(
+      args.out, "convergence_runs", budget_tag(args), f"{arm.name}_seed{seed}"
+  )
 
 
 def base_name(arm: Arm) -> str | None:
   """The uncorrected arm with the same sparsity and topology (None for the dense arm)."""
   if arm.overrides.get("dense"):
     return None
-  return f"{arm.overrides['topology']}{round(arm.overrides['sparsity'] * 100)}_base"
+  return (
+      f"{arm.overrides['topology']}{round(arm.overrides['sparsity'] * 100)}_base"
+  )
 
 
 def jobs(args) -> list[tuple[Arm, int]]:
-  return [(arm, seed) for arm in selected_arms(args) for seed in range(args.seeds)]
+  return [
+      (arm, seed) for arm in selected_arms(args) for seed in range(args.seeds)
+  ]
 
 
 def selected_arms(args) -> list[Arm]:
   arms = default_arms(args.sparsities)
   if args.arms:
-    arms = [a for a in arms if any(fnmatch.fnmatchcase(a.name, p) for p in args.arms)]
+    arms = [
+        a
+        for a in arms
+        if any(fnmatch.fnmatchcase(a.name, p) for p in args.arms)
+    ]
   return arms
 
 
 def work(args, worker: int, num_workers: int) -> None:
   """Run this worker's share of the jobs, skipping complete ones."""
   import jax
-  from sparseopt_jax import train
-  jax.config.update("jax_compilation_cache_dir", os.path.join(args.out, ".jax_cache"))
+
+  from sparseopt_jax.training import train
+
+  jax.config.update(
+      "jax_compilation_cache_dir", os.path.join(args.out, ".jax_cache")
+  )
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   for i, (arm, seed) in enumerate(jobs(args)):
     if i % num_workers != worker:
@@ -115,11 +152,19 @@ def work(args, worker: int, num_workers: int) -> None:
       continue
     t = time.time()
     # A workdir without done.json is an interrupted run: resume from its checkpoint.
-    _, row = train.run(run_config(args, arm, seed), path, resume=os.path.exists(path),
-                       num_devices=1, progress=False)
+    _, row = train.run(
+        run_config(args, arm, seed),
+        path,
+        resume=os.path.exists(path),
+        num_devices=1,
+        progress=False,
+    )
     with open(done, "w") as f:
       json.dump(row, f)
-    print(f"[worker {worker}] {arm.name} seed {seed}: {time.time() - t:.0f} s", flush=True)
+    print(
+        f"[worker {worker}] {arm.name} seed {seed}: {time.time() - t:.0f} s",
+        flush=True,
+    )
 
 
 def launch(args) -> None:
@@ -130,7 +175,13 @@ def launch(args) -> None:
   procs = []
   ncpu = os.cpu_count() or 1
   for w in range(args.jobs):
-    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker", str(w)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        *sys.argv[1:],
+        "--worker",
+        str(w),
+    ]
     env = dict(os.environ)
     env.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
     if ncpu >= args.jobs and _has_taskset():
@@ -143,6 +194,7 @@ def launch(args) -> None:
 
 def _has_taskset() -> bool:
   from shutil import which
+
   return which("taskset") is not None
 
 
@@ -154,11 +206,15 @@ def load_runs(args) -> dict[str, list[list[dict]]]:
   out = {}
   for arm, seed in jobs(args):
     path = os.path.join(workdir(args, arm, seed), "metrics.jsonl")
-    out.setdefault(arm.name, []).append([json.loads(l) for l in open(path)])
+    out.setdefault(arm.name, []).append(
+        [json.loads(line) for line in open(path)]
+    )
   return out
 
 
-def curve(runs: list[list[dict]], key: str = "test_accuracy") -> tuple[np.ndarray, np.ndarray]:
+def curve(
+    runs: list[list[dict]], key: str = "test_accuracy"
+) -> tuple[np.ndarray, np.ndarray]:
   """Steps and a (seeds, evals) array of ``key``."""
   steps = np.array([r["step"] for r in runs[0]])
   return steps, np.array([[r[key] for r in rows] for rows in runs])
@@ -179,17 +235,28 @@ def steps_to_reach(steps: np.ndarray, acc: np.ndarray, target: float) -> float:
 def summarize(args, runs) -> list[dict]:
   arms = {a.name: a for a in selected_arms(args)}
   dense = runs.get("dense")
-  dense_final = float(np.mean(curve(dense)[1][:, -1])) if dense else float("nan")
+  dense_final = (
+      float(np.mean(curve(dense)[1][:, -1])) if dense else float("nan")
+  )
   rows = []
   for name, arm_runs in runs.items():
     arm = arms[name]
     steps, acc = curve(arm_runs)
     final = acc[:, -1]
-    row = {"arm": name, **{k: v for k, v in arm.overrides.items()},
-           "seeds": len(arm_runs), "acc_mean": 100 * float(final.mean()),
-           "acc_std": 100 * float(final.std(ddof=1)) if len(final) > 1 else 0.0,
-           "final_step": int(steps[-1])}
-    for key in ("skew_slope_raw", "skew_slope_corrected", "exploration", "density_spread"):
+    row = {
+        "arm": name,
+        **{k: v for k, v in arm.overrides.items()},
+        "seeds": len(arm_runs),
+        "acc_mean": 100 * float(final.mean()),
+        "acc_std": 100 * float(final.std(ddof=1)) if len(final) > 1 else 0.0,
+        "final_step": int(steps[-1]),
+    }
+    for key in (
+        "skew_slope_raw",
+        "skew_slope_corrected",
+        "exploration",
+        "density_spread",
+    ):
       if key in arm_runs[0][-1]:
         row[key] = float(np.mean([rs[-1][key] for rs in arm_runs]))
     base = base_name(arm)
@@ -200,45 +267,65 @@ def summarize(args, runs) -> list[dict]:
       row["delta_vs_base"] = 100 * (float(final.mean()) - b_final)
       row["steps_to_base_final_ratio"] = reach / float(b_steps[-1])
       gap = dense_final - b_final
-      row["gap_closed"] = (float(final.mean()) - b_final) / gap if abs(gap) > 1e-9 else \
-          float("nan")
+      row["gap_closed"] = (
+          (float(final.mean()) - b_final) / gap
+          if abs(gap) > 1e-9
+          else float("nan")
+      )
       # Paired per seed: same data order and initial masks.
       diffs = final - b_acc[:, -1]
-      row["paired_delta_std"] = 100 * float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
+      row["paired_delta_std"] = (
+          100 * float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
+      )
     # Undefined figures (no dense arm, never reached) are null in the JSON, not NaN.
-    rows.append({k: None if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()})
+    rows.append({
+        k: None if isinstance(v, float) and np.isnan(v) else v
+        for k, v in row.items()
+    })
   return rows
 
 
 def table(rows: list[dict]) -> str:
-  head = ("| arm | test acc % (mean ± std) | Δ vs base (pts, paired std) | steps to base final "
-          "| gap closed | skew slope raw / corr | exploration |")
+  head = (
+      "| arm | test acc % (mean ± std) | Δ vs base (pts, paired std) | steps to"
+      " base final | gap closed | skew slope raw / corr | exploration |"
+  )
   lines = [head, "|" + "---|" * 7]
-  fmt = lambda v, f: "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f.format(v)
+  fmt = (
+      lambda v, f: "–"
+      if v is None or (isinstance(v, float) and np.isnan(v))
+      else f.format(v)
+  )
   for r in rows:
     lines.append(
-        f"| {r['arm']} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} | "
-        f"{fmt(r.get('delta_vs_base'), '{:+.2f}')}"
-        f"{fmt(r.get('paired_delta_std'), ' ({:.2f})') if 'paired_delta_std' in r else ''} | "
-        f"{fmt(r.get('steps_to_base_final_ratio'), '{:.2f}x')} | "
-        f"{fmt(r.get('gap_closed'), '{:+.0%}')} | "
-        f"{fmt(r.get('skew_slope_raw'), '{:+.2f}')} / {fmt(r.get('skew_slope_corrected'), '{:+.2f}')} | "
-        f"{fmt(r.get('exploration'), '{:.3f}')} |")
+        f"| {r['arm']} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} |"
+        f" {fmt(r.get('delta_vs_base'), '{:+.2f}')}{fmt(r.get('paired_delta_std'), ' ({:.2f})') if 'paired_delta_std' in r else ''}"
+        f" | {fmt(r.get('steps_to_base_final_ratio'), '{:.2f}x')} |"
+        f" {fmt(r.get('gap_closed'), '{:+.0%}')} |"
+        f" {fmt(r.get('skew_slope_raw'), '{:+.2f}')} /"
+        f" {fmt(r.get('skew_slope_corrected'), '{:+.2f}')} |"
+        f" {fmt(r.get('exploration'), '{:.3f}')} |"
+    )
   return "\n".join(lines)
 
 
 def plot(args, runs, path: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   arms = {a.name: a for a in selected_arms(args)}
   panels = sorted({arms[n].key for n in runs if n != "dense"})
   cols = 2
   nrows = max(1, -(-len(panels) // cols))
-  fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 3.6 * nrows), squeeze=False)
+  fig, axes = plt.subplots(
+      nrows, cols, figsize=(6 * cols, 3.6 * nrows), squeeze=False
+  )
   for ax, key in zip(axes.flat, panels):
     names = [n for n in runs if n != "dense" and arms[n].key == key] + (
-        ["dense"] if "dense" in runs else [])
+        ["dense"] if "dense" in runs else []
+    )
     for n in names:
       steps, acc = curve(runs[n])
       mean, std = 100 * acc.mean(0), 100 * acc.std(0)
@@ -251,35 +338,56 @@ def plot(args, runs, path: str) -> None:
     ax.set_ylim(max(0, lo - 15), None)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  for ax in list(axes.flat)[len(panels):]:
+  for ax in list(axes.flat)[len(panels) :]:
     ax.axis("off")
-  fig.suptitle(f"Convergence, {args.dataset}: mean ± std over {args.seeds} seeds")
+  fig.suptitle(
+      f"Convergence, {args.dataset}: mean ± std over {args.seeds} seeds"
+  )
   save_figure(fig, path)
 
 
 def parse(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--dataset", default="fashion_mnist", choices=sorted(PRESET))
-  p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.97])
+  p.add_argument(
+      "--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.97]
+  )
   p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--steps", type=int, default=300, help="the budget (default scale)")
-  p.add_argument("--epochs", type=float, default=100, help="the budget with --full")
+  p.add_argument(
+      "--steps", type=int, default=300, help="the budget (default scale)"
+  )
+  p.add_argument(
+      "--epochs", type=float, default=100, help="the budget with --full"
+  )
   p.add_argument("--width", type=int, default=8)
   p.add_argument("--batch-size", type=int, default=128)
   p.add_argument("--train-subset", type=int, default=None)
   p.add_argument("--update-every", type=int, default=25)
   p.add_argument("--evals", type=int, default=6, help="evaluations per run")
-  p.add_argument("--arms", nargs="*", default=None,
-                 help="names (glob patterns) of the arms to run, e.g. 'rigl90_*' dense")
-  p.add_argument("--jobs", type=int, default=2, help="parallel worker processes")
-  p.add_argument("--full", action="store_true", help="paper-scale settings (GPU/TPU)")
+  p.add_argument(
+      "--arms",
+      nargs="*",
+      default=None,
+      help="names (glob patterns) of the arms to run, e.g. 'rigl90_*' dense",
+  )
+  p.add_argument(
+      "--jobs", type=int, default=2, help="parallel worker processes"
+  )
+  p.add_argument(
+      "--full", action="store_true", help="paper-scale settings (GPU/TPU)"
+  )
   p.add_argument("--smoke", action="store_true", help="a tiny sweep for CI")
   p.add_argument("--out", default=os.path.join(HERE, "results"))
   p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.smoke:
     args.sparsities, args.seeds, args.steps, args.width = [0.9], 2, 6, 2
-    args.batch_size, args.train_subset, args.update_every, args.evals = 16, 512, 2, 2
+    args.batch_size, args.train_subset, args.update_every, args.evals = (
+        16,
+        512,
+        2,
+        2,
+    )
     args.arms = args.arms or ["rigl90_base", "rigl90_density"]
     args.jobs = 1
   if args.full:
@@ -297,10 +405,17 @@ def main(argv=None) -> dict:
   launch(args)
   runs = load_runs(args)
   rows = summarize(args, runs)
-  result = {"machine": machine_info(), "wall_time_s": time.time() - t,
-            "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
-            "rows": rows}
-  default = args.dataset == "fashion_mnist" and not args.full and args.steps == 300
+  result = {
+      "machine": machine_info(),
+      "wall_time_s": time.time() - t,
+      "settings": {
+          k: v for k, v in vars(args).items() if k not in ("worker", "out")
+      },
+      "rows": rows,
+  }
+  default = (
+      args.dataset == "fashion_mnist" and not args.full and args.steps == 300
+  )
   tag = "convergence" if default else f"convergence_{budget_tag(args)}"
   with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
     json.dump(result, f, indent=2)

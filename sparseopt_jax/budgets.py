@@ -33,19 +33,24 @@ def check_distribution(distribution: Distribution) -> Distribution:
   if isinstance(distribution, str):
     if distribution not in DISTRIBUTIONS:
       raise ValueError(
-          f"unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS} "
-          "or a mapping from leaf-path regex to sparsity")
+          f"unknown distribution {distribution!r}; expected one of"
+          f" {DISTRIBUTIONS} or a mapping from leaf-path regex to sparsity"
+      )
     return distribution
   if isinstance(distribution, Mapping):
     for pattern, value in distribution.items():
       try:
         re.compile(pattern)
       except (re.error, TypeError) as e:
-        raise ValueError(f"distribution key {pattern!r} is not a valid regex: {e}") from e
+        raise ValueError(
+            f"distribution key {pattern!r} is not a valid regex: {e}"
+        ) from e
       check_sparsity(value, what=f"distribution[{pattern!r}]")
     return dict(distribution)
-  raise ValueError(f"distribution must be one of {DISTRIBUTIONS} or a mapping, "
-                   f"got {type(distribution).__name__}")
+  raise ValueError(
+      f"distribution must be one of {DISTRIBUTIONS} or a mapping, "
+      f"got {type(distribution).__name__}"
+  )
 
 
 def _raw_density(shape: tuple[int, ...], distribution: str) -> float:
@@ -55,8 +60,9 @@ def _raw_density(shape: tuple[int, ...], distribution: str) -> float:
   return (n_in + n_out) / (n_in * n_out)
 
 
-def _erk_densities(shapes: Mapping[str, tuple[int, ...]], density: float,
-                   distribution: str) -> dict[str, float]:
+def _erk_densities(
+    shapes: Mapping[str, tuple[int, ...]], density: float, distribution: str
+) -> dict[str, float]:
   sizes = {k: math.prod(s) for k, s in shapes.items()}
   raw = {k: _raw_density(s, distribution) for k, s in shapes.items()}
   dense: set[str] = set()
@@ -74,8 +80,11 @@ def _erk_densities(shapes: Mapping[str, tuple[int, ...]], density: float,
     dense.update(k for k in free if raw[k] == top)
 
 
-def layer_sparsities(shapes: Mapping[str, tuple[int, ...]], sparsity: float,
-                     distribution: Distribution = "uniform") -> dict[str, float]:
+def layer_sparsities(
+    shapes: Mapping[str, tuple[int, ...]],
+    sparsity: float,
+    distribution: Distribution = "uniform",
+) -> dict[str, float]:
   """Sparsity of every sparse leaf so that their union has ``sparsity`` zeros.
 
   Args:
@@ -88,14 +97,22 @@ def layer_sparsities(shapes: Mapping[str, tuple[int, ...]], sparsity: float,
   sparsity = check_sparsity(sparsity)
   distribution = check_distribution(distribution)
   if isinstance(distribution, Mapping):
-    unmatched = [pat for pat in distribution if not any(re.search(pat, p) for p in shapes)]
+    unmatched = [
+        pat
+        for pat in distribution
+        if not any(re.search(pat, p) for p in shapes)
+    ]
     if unmatched:
-      raise ValueError(f"distribution patterns {unmatched} match no sparse leaf; the sparse "
-                       f"leaves are {list(shapes)[:8]}")
+      raise ValueError(
+          f"distribution patterns {unmatched} match no sparse leaf; the sparse "
+          f"leaves are {list(shapes)[:8]}"
+      )
     out = {}
     for path in shapes:
-      out[path] = next((float(v) for pat, v in distribution.items() if re.search(pat, path)),
-                       sparsity)
+      out[path] = next(
+          (float(v) for pat, v in distribution.items() if re.search(pat, path)),
+          sparsity,
+      )
     return out
   if distribution == "uniform" or not shapes:
     return {k: sparsity for k in shapes}
@@ -103,8 +120,9 @@ def layer_sparsities(shapes: Mapping[str, tuple[int, ...]], sparsity: float,
   return {k: 1.0 - d for k, d in densities.items()}
 
 
-def active_counts(shapes: Mapping[str, tuple[int, ...]],
-                  sparsities: Mapping[str, float]) -> dict[str, int]:
+def active_counts(
+    shapes: Mapping[str, tuple[int, ...]], sparsities: Mapping[str, float]
+) -> dict[str, int]:
   """Number of kept weights per leaf: round((1 - s_l) * n_l), at least 1."""
   out = {}
   for path, shape in shapes.items():

@@ -39,6 +39,7 @@ class SparseOptState(NamedTuple):
     skew: the skew stage's state (``optax.EmptyState`` when ``skew=None``).
     topology: the topology stage's state, which owns the masks.
   """
+
   skew: Any
   topology: topology_lib.TopologyState
 
@@ -95,39 +96,73 @@ def sparseopt(
   if skew is not None:
     check_choice("skew", skew, skew_lib.SKEW_MODES)
   topo = topology_lib.topology_update(
-      topology, sparsity=sparsity, distribution=distribution, masks=masks,
-      sparse_filter=sparse_filter, update_every=update_every, drop_fraction=drop_fraction,
-      end_step=end_step, seed=seed, neuron_axis=neuron_axis)
-  correct = None if skew is None else skew_lib.skew_correct(
-      skew, bn_pairs=bn_pairs, neuron_axis=neuron_axis, bn_floor=bn_floor)
+      topology,
+      sparsity=sparsity,
+      distribution=distribution,
+      masks=masks,
+      sparse_filter=sparse_filter,
+      update_every=update_every,
+      drop_fraction=drop_fraction,
+      end_step=end_step,
+      seed=seed,
+      neuron_axis=neuron_axis,
+  )
+  correct = (
+      None
+      if skew is None
+      else skew_lib.skew_correct(
+          skew, bn_pairs=bn_pairs, neuron_axis=neuron_axis, bn_floor=bn_floor
+      )
+  )
 
   def init_fn(params):
     state = SparseOptState(
         skew=optax.EmptyState() if correct is None else correct.init(params),
-        topology=topo.init(params))
+        topology=topo.init(params),
+    )
     if skew == "bn" and not tree_lib.is_params_placeholder(params):
-      sparse = {tree_lib.path_str(p) for p, m in jax.tree_util.tree_leaves_with_path(
-          state.topology.masks, is_leaf=tree_lib.is_none) if not tree_lib.is_none(m)}
+      sparse = {
+          tree_lib.path_str(p)
+          for p, m in jax.tree_util.tree_leaves_with_path(
+              state.topology.masks, is_leaf=tree_lib.is_none
+          )
+          if not tree_lib.is_none(m)
+      }
       mapped = {k for k, v in (bn_pairs or {}).items() if v is not None}
       if sparse and not sparse & mapped:
         raise ValueError(
-            f"skew='bn' but bn_pairs maps none of the sparse leaves {sorted(sparse)[:5]} to a "
-            f"BatchNorm (it maps {sorted(mapped)[:5]}): every factor would come from the "
-            "density formula; map each kernel to the BatchNorm after it, or use skew='density'")
+            "skew='bn' but bn_pairs maps none of the sparse leaves"
+            f" {sorted(sparse)[:5]} to a BatchNorm (it maps"
+            f" {sorted(mapped)[:5]}): every factor would come from the density"
+            " formula; map each kernel to the BatchNorm after it, or use"
+            " skew='density'"
+        )
     return state
 
   def update_fn(updates, state, params=None, **extra_args):
-    for name in ("masks", "grow_grads", "density_factors"):  # set here, not by the caller
+    for name in (
+        "masks",
+        "grow_grads",
+        "density_factors",
+    ):  # set here, not by the caller
       extra_args.pop(name, None)
     grads = updates
     skew_state = state.skew
     if correct is not None:
       updates, skew_state = correct.update(
-          updates, skew_state, params, density_factors=state.topology.density_factors,
-          **extra_args)
+          updates,
+          skew_state,
+          params,
+          density_factors=state.topology.density_factors,
+          **extra_args,
+      )
     updates, topo_state = topo.update(
-        updates, state.topology, params,
-        grow_grads=grads if grow_with == "raw" else None, **extra_args)
+        updates,
+        state.topology,
+        params,
+        grow_grads=grads if grow_with == "raw" else None,
+        **extra_args,
+    )
     return updates, SparseOptState(skew=skew_state, topology=topo_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

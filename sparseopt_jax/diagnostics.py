@@ -14,14 +14,21 @@ from sparseopt_jax import tree as tree_lib
 
 
 def _masks_by_path(masks: Any) -> dict[str, jax.Array]:
-  return {tree_lib.path_str(p): m for p, m in
-          jax.tree_util.tree_leaves_with_path(masks, is_leaf=tree_lib.is_none)
-          if not tree_lib.is_none(m)}
+  return {
+      tree_lib.path_str(p): m
+      for p, m in jax.tree_util.tree_leaves_with_path(
+          masks, is_leaf=tree_lib.is_none
+      )
+      if not tree_lib.is_none(m)
+  }
 
 
 def _pruned_nonzero(params: Any, masks: Any) -> dict[str, tuple[int, int]]:
   """Per sparse leaf: (pruned weights that are not 0.0, pruned weights)."""
-  by_path = {tree_lib.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  by_path = {
+      tree_lib.path_str(p): x
+      for p, x in jax.tree_util.tree_leaves_with_path(params)
+  }
   out = {}
   for path, m in _masks_by_path(masks).items():
     if path not in by_path:
@@ -31,8 +38,9 @@ def _pruned_nonzero(params: Any, masks: Any) -> dict[str, tuple[int, int]]:
   return out
 
 
-def sparsity_summary(state: Any, neuron_axis: int | None = None, *,
-                     params: Any = None) -> dict[str, Any]:
+def sparsity_summary(
+    state: Any, neuron_axis: int | None = None, *, params: Any = None
+) -> dict[str, Any]:
   """Host-side summary of an optimizer state's masks, and of the params if given.
 
   Returns:
@@ -54,22 +62,33 @@ def sparsity_summary(state: Any, neuron_axis: int | None = None, *,
   total = active = 0
   spreads = []
   for path, m in _masks_by_path(masks).items():
-    d = np.asarray(tree_lib.neuron_density(
-        m, tree_lib.neuron_axes(path, m.ndim, neuron_axis))).reshape(-1)
+    d = np.asarray(
+        tree_lib.neuron_density(
+            m, tree_lib.neuron_axes(path, m.ndim, neuron_axis)
+        )
+    ).reshape(-1)
     n_active = int(jnp.sum(m))
     leaves[path] = {
-        "size": int(m.size), "active": n_active, "sparsity": 1.0 - n_active / m.size,
-        "density_min": float(d.min()), "density_median": float(np.median(d)),
-        "density_max": float(d.max())}
+        "size": int(m.size),
+        "active": n_active,
+        "sparsity": 1.0 - n_active / m.size,
+        "density_min": float(d.min()),
+        "density_median": float(np.median(d)),
+        "density_max": float(d.max()),
+    }
     if drift is not None:
       leaves[path]["pruned_nonzero"] = drift[path][0]
     total += m.size
     active += n_active
     if d.mean() > 0:
       spreads.append(float(d.std() / d.mean()))
-  topo = [s for s in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, topology_lib.TopologyState))
-          if isinstance(s, topology_lib.TopologyState)]
+  topo = [
+      s
+      for s in jax.tree.leaves(
+          state, is_leaf=lambda x: isinstance(x, topology_lib.TopologyState)
+      )
+      if isinstance(s, topology_lib.TopologyState)
+  ]
   exploration = None
   if topo and topo[0].masks is not None:
     ever, n = topology_lib.exploration_counts(topo[0])
@@ -77,12 +96,20 @@ def sparsity_summary(state: Any, neuron_axis: int | None = None, *,
   pruned_nonzero = None if drift is None else sum(v[0] for v in drift.values())
   params_sparsity = None
   if drift is not None:
-    by_path = {tree_lib.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    by_path = {
+        tree_lib.path_str(p): x
+        for p, x in jax.tree_util.tree_leaves_with_path(params)
+    }
     zeros = sum(int(jnp.sum(by_path[path] == 0)) for path in leaves)
     params_sparsity = zeros / max(total, 1)
-  return {"sparsity": 1.0 - active / max(total, 1), "params_sparsity": params_sparsity,
-          "pruned_nonzero": pruned_nonzero, "exploration": exploration,
-          "density_spread": float(np.mean(spreads)) if spreads else 0.0, "leaves": leaves}
+  return {
+      "sparsity": 1.0 - active / max(total, 1),
+      "params_sparsity": params_sparsity,
+      "pruned_nonzero": pruned_nonzero,
+      "exploration": exploration,
+      "density_spread": float(np.mean(spreads)) if spreads else 0.0,
+      "leaves": leaves,
+  }
 
 
 def check_sparsity(params: Any, masks_or_state: Any) -> None:
@@ -99,25 +126,33 @@ def check_sparsity(params: Any, masks_or_state: Any) -> None:
   drift = _pruned_nonzero(params, masking.resolve_masks(masks_or_state))
   bad = {path: v for path, v in drift.items() if v[0]}
   if bad:
-    listed = ", ".join(f"{path!r} ({n:,} of {total:,} pruned)" for path, (n, total) in
-                       list(bad.items())[:8])
+    listed = ", ".join(
+        f"{path!r} ({n:,} of {total:,} pruned)"
+        for path, (n, total) in list(bad.items())[:8]
+    )
     raise ValueError(
-        f"{sum(n for n, _ in bad.values()):,} pruned weights are not 0.0 in {len(bad)} sparse "
-        f"leaves: {listed}. Apply updates with so.apply_updates (or so.SparseTrainState / "
-        "so.SparseOptimizer), which re-masks the params; optax.apply_updates does not")
+        f"{sum(n for n, _ in bad.values()):,} pruned weights are not 0.0 in"
+        f" {len(bad)} sparse leaves: {listed}. Apply updates with"
+        " so.apply_updates (or so.SparseTrainState / so.SparseOptimizer),"
+        " which re-masks the params; optax.apply_updates does not"
+    )
 
 
-def neuron_grad_stats(grad: jax.Array, mask: jax.Array,
-                      neuron_axis: int | tuple[int, ...] = -1) -> tuple[jax.Array, jax.Array]:
+def neuron_grad_stats(
+    grad: jax.Array, mask: jax.Array, neuron_axis: int | tuple[int, ...] = -1
+) -> tuple[jax.Array, jax.Array]:
   """Per neuron: kept incoming weights, and mean square gradient over them (float32)."""
   axes = tree_lib.reduce_axes(grad.ndim, neuron_axis)
   kept = jnp.sum(mask, axis=axes, dtype=jnp.float32)
-  ms = jnp.sum(jnp.square(grad.astype(jnp.float32)) * mask, axis=axes) / jnp.maximum(kept, 1.0)
+  ms = jnp.sum(
+      jnp.square(grad.astype(jnp.float32)) * mask, axis=axes
+  ) / jnp.maximum(kept, 1.0)
   return kept, ms
 
 
-def leaf_skew_slope(grad: jax.Array, mask: jax.Array,
-                    neuron_axis: int | tuple[int, ...] = -1) -> jax.Array:
+def leaf_skew_slope(
+    grad: jax.Array, mask: jax.Array, neuron_axis: int | tuple[int, ...] = -1
+) -> jax.Array:
   """Least-squares slope of log rms(g over neuron i's surviving weights) on log d_i.
 
   About -0.5 when BatchNorm follows a sparse layer, about 0 once corrected
@@ -126,21 +161,36 @@ def leaf_skew_slope(grad: jax.Array, mask: jax.Array,
   """
   kept, ms = neuron_grad_stats(grad, mask, neuron_axis)
   ok = (kept > 0) & (ms > 0)
-  x = jnp.where(ok, jnp.log(jnp.maximum(kept, 1.0) / (mask.size / kept.size)), 0.0)
+  x = jnp.where(
+      ok, jnp.log(jnp.maximum(kept, 1.0) / (mask.size / kept.size)), 0.0
+  )
   y = jnp.where(ok, 0.5 * jnp.log(jnp.where(ok, ms, 1.0)), 0.0)
   w = ok.astype(jnp.float32)
   n = jnp.sum(w)
   mx, my = jnp.sum(w * x) / n, jnp.sum(w * y) / n
   var = jnp.sum(w * (x - mx) ** 2)
-  return jnp.where(var > 1e-12, jnp.sum(w * (x - mx) * (y - my)) / jnp.where(var > 1e-12, var, 1.0),
-                   jnp.nan)
+  return jnp.where(
+      var > 1e-12,
+      jnp.sum(w * (x - mx) * (y - my)) / jnp.where(var > 1e-12, var, 1.0),
+      jnp.nan,
+  )
 
 
-def skew_slope(grads: Any, masks: Any, neuron_axis: int | None = None) -> dict[str, jax.Array]:
+def skew_slope(
+    grads: Any, masks: Any, neuron_axis: int | None = None
+) -> dict[str, jax.Array]:
   """Per sparse leaf, :func:`leaf_skew_slope` of ``grads``. Takes masks or a state."""
   masks = masking.resolve_masks(masks)
   tree_lib.check_masks_like(masks, grads, what="masks")
-  grads_by_path = {tree_lib.path_str(p): g for p, g in jax.tree_util.tree_leaves_with_path(grads)}
-  return {path: leaf_skew_slope(grads_by_path[path], m,
-                                tree_lib.neuron_axes(path, m.ndim, neuron_axis))
-          for path, m in _masks_by_path(masks).items()}
+  grads_by_path = {
+      tree_lib.path_str(p): g
+      for p, g in jax.tree_util.tree_leaves_with_path(grads)
+  }
+  return {
+      path: leaf_skew_slope(
+          grads_by_path[path],
+          m,
+          tree_lib.neuron_axes(path, m.ndim, neuron_axis),
+      )
+      for path, m in _masks_by_path(masks).items()
+  }

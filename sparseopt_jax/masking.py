@@ -13,9 +13,8 @@ whatever inner optimizer the chain holds.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +32,13 @@ class MaskState(NamedTuple):
     masks: the fixed masks given at construction (bool at sparse leaves, None at
       dense ones), or None when the masks come from ``update(..., masks=...)``.
   """
+
   masks: Any
-
-
 
 
 def as_bool_masks(masks: Any) -> Any:
   """Masks as bool arrays; non-bool masks must hold only 0 and 1 (checked when concrete)."""
+
   def convert(p, m):
     if tree_lib.is_none(m):
       return m
@@ -47,17 +46,24 @@ def as_bool_masks(masks: Any) -> Any:
     if m.dtype != jnp.bool_ and not isinstance(m, jax.core.Tracer):
       values = np.unique(np.asarray(m))
       if not np.all((values == 0) | (values == 1)):
-        raise ValueError(f"mask leaf {tree_lib.path_str(p)!r} has dtype {m.dtype} with values "
-                         f"other than 0 and 1 (e.g. {values[(values != 0) & (values != 1)][:3]}); "
-                         "masks are boolean: True keeps a weight")
+        raise ValueError(
+            f"mask leaf {tree_lib.path_str(p)!r} has dtype {m.dtype} with"
+            " values other than 0 and 1 (e.g."
+            f" {values[(values != 0) & (values != 1)][:3]}); masks are boolean:"
+            " True keeps a weight"
+        )
     return m.astype(bool)
-  return jax.tree_util.tree_map_with_path(convert, masks, is_leaf=tree_lib.is_none)
+
+  return jax.tree_util.tree_map_with_path(
+      convert, masks, is_leaf=tree_lib.is_none
+  )
 
 
 def mask_updates(updates: Any, masks: Any) -> Any:
   """Zero the entries of ``updates`` where ``masks`` is False."""
-  return tree_lib.map_with_masks(lambda m, u: jnp.where(m, u, jnp.zeros((), u.dtype)),
-                                 masks, updates)
+  return tree_lib.map_with_masks(
+      lambda m, u: jnp.where(m, u, jnp.zeros((), u.dtype)), masks, updates
+  )
 
 
 def mask(masks: Any = None) -> optax.GradientTransformationExtraArgs:
@@ -89,16 +95,23 @@ def mask(masks: Any = None) -> optax.GradientTransformationExtraArgs:
     del params, extra_args
     current = masks if masks is not None else state.masks
     if current is None:
-      raise ValueError("so.mask() was built without masks, so update() needs the current "
-                       "masks as the keyword masks=...")
+      raise ValueError(
+          "so.mask() was built without masks, so update() needs the current "
+          "masks as the keyword masks=..."
+      )
     return mask_updates(updates, current), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def host_random_masks(params: Any, sparsity: float,
-                      distribution: budgets.Distribution = "uniform", *,
-                      sparse_filter: tree_lib.SparseFilter = None, seed: int = 0) -> Any:
+def host_random_masks(
+    params: Any,
+    sparsity: float,
+    distribution: budgets.Distribution = "uniform",
+    *,
+    sparse_filter: tree_lib.SparseFilter = None,
+    seed: int = 0,
+) -> Any:
   """:func:`random_masks` as numpy arrays, drawn on the host.
 
   Only the params' shapes are read, so this runs on traced or abstract params
@@ -107,7 +120,9 @@ def host_random_masks(params: Any, sparsity: float,
   """
   keep = tree_lib.make_sparse_filter(sparse_filter)
   shapes = tree_lib.sparse_shapes(params, keep)
-  counts = budgets.active_counts(shapes, budgets.layer_sparsities(shapes, sparsity, distribution))
+  counts = budgets.active_counts(
+      shapes, budgets.layer_sparsities(shapes, sparsity, distribution)
+  )
   index = {path: i for i, path in enumerate(shapes)}
 
   def leaf_mask(p, x):
@@ -123,8 +138,14 @@ def host_random_masks(params: Any, sparsity: float,
   return jax.tree_util.tree_map_with_path(leaf_mask, params)
 
 
-def random_masks(params: Any, sparsity: float, distribution: budgets.Distribution = "uniform",
-                 *, sparse_filter: tree_lib.SparseFilter = None, seed: int = 0) -> Any:
+def random_masks(
+    params: Any,
+    sparsity: float,
+    distribution: budgets.Distribution = "uniform",
+    *,
+    sparse_filter: tree_lib.SparseFilter = None,
+    seed: int = 0,
+) -> Any:
   """Random masks with exactly round((1 - s_l) * n_l) active weights per sparse leaf.
 
   ``s_l`` comes from :func:`~sparseopt_jax.budgets.layer_sparsities`; the active
@@ -133,13 +154,19 @@ def random_masks(params: Any, sparsity: float, distribution: budgets.Distributio
   (:func:`host_random_masks`): no per-shape compilation, and the same masks
   eagerly, under ``jax.jit`` and under ``jax.eval_shape``.
   """
-  host = host_random_masks(params, sparsity, distribution, sparse_filter=sparse_filter, seed=seed)
-  return jax.tree.map(lambda m: m if tree_lib.is_none(m) else jnp.asarray(m), host,
-                      is_leaf=tree_lib.is_none)
+  host = host_random_masks(
+      params, sparsity, distribution, sparse_filter=sparse_filter, seed=seed
+  )
+  return jax.tree.map(
+      lambda m: m if tree_lib.is_none(m) else jnp.asarray(m),
+      host,
+      is_leaf=tree_lib.is_none,
+  )
 
 
 def _stage_state_types() -> tuple[type, type]:
   from sparseopt_jax import topology  # the topology stage imports this module
+
   return MaskState, topology.TopologyState
 
 
@@ -151,9 +178,15 @@ def _owners(state: Any) -> list[Any]:
   vector); a :class:`MaskState` owns them when it was built with masks.
   """
   mask_state, topology_state = _stage_state_types()
-  found = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, (mask_state, topology_state)))
-  return [s for s in found if isinstance(s, topology_state)
-          or (isinstance(s, mask_state) and s.masks is not None)]
+  found = jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, (mask_state, topology_state))
+  )
+  return [
+      s
+      for s in found
+      if isinstance(s, topology_state)
+      or (isinstance(s, mask_state) and s.masks is not None)
+  ]
 
 
 def _owner_masks(state: Any) -> list[Any]:
@@ -169,14 +202,20 @@ def get_masks(state: Any) -> Any:
   found = _owner_masks(state)
   if len(found) != 1:
     raise ValueError(
-        f"expected exactly one mask-owning state (MaskState with masks, or TopologyState) in "
-        f"the optimizer state, found {len(found)}; build the chain with so.sparseopt(...), "
-        "so.topology_update(...) or so.mask(masks)")
+        "expected exactly one mask-owning state (MaskState with masks, or"
+        f" TopologyState) in the optimizer state, found {len(found)}; build the"
+        " chain with so.sparseopt(...), so.topology_update(...) or"
+        " so.mask(masks)"
+    )
   return found[0]
 
 
 def resolve_masks(masks_or_state: Any) -> Any:
-  return get_masks(masks_or_state) if _owner_masks(masks_or_state) else masks_or_state
+  return (
+      get_masks(masks_or_state)
+      if _owner_masks(masks_or_state)
+      else masks_or_state
+  )
 
 
 def apply_masks(params: Any, masks_or_state: Any) -> Any:
@@ -193,10 +232,16 @@ def _mask_like_params(state: Any, params: Any, masks: Any) -> Any:
   states, and ``optax.masked``'s state (whose masked-out leaves are
   ``MaskedNode``s), without knowing any optimizer's state class.
   """
-  shapes = {tree_lib.path_str(p): jnp.shape(x)
-            for p, x in jax.tree_util.tree_leaves_with_path(params)}
-  by_path = {tree_lib.path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(
-      masks, is_leaf=tree_lib.is_none)}
+  shapes = {
+      tree_lib.path_str(p): jnp.shape(x)
+      for p, x in jax.tree_util.tree_leaves_with_path(params)
+  }
+  by_path = {
+      tree_lib.path_str(p): m
+      for p, m in jax.tree_util.tree_leaves_with_path(
+          masks, is_leaf=tree_lib.is_none
+      )
+  }
   stage_states = _stage_state_types()
 
   def like_params(node):
@@ -204,7 +249,9 @@ def _mask_like_params(state: Any, params: Any, masks: Any) -> Any:
       return False
     leaves = jax.tree_util.tree_leaves_with_path(node)
     return bool(leaves) and all(
-        shapes.get(tree_lib.path_str(p), None) == jnp.shape(x) for p, x in leaves)
+        shapes.get(tree_lib.path_str(p), None) == jnp.shape(x)
+        for p, x in leaves
+    )
 
   def remask(p, x):
     m = by_path.get(tree_lib.path_str(p))
@@ -215,7 +262,9 @@ def _mask_like_params(state: Any, params: Any, masks: Any) -> Any:
       return node
     if like_params(node):
       return jax.tree_util.tree_map_with_path(remask, node)
-    children, treedef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+    children, treedef = jax.tree_util.tree_flatten(
+        node, is_leaf=lambda x: x is not node
+    )
     if jax.tree_util.treedef_is_leaf(treedef):
       return node
     return jax.tree_util.tree_unflatten(treedef, [visit(c) for c in children])
@@ -229,8 +278,9 @@ def _needs_state_remask(state: Any) -> Any:
   return getattr(found[0], "changed", False) if len(found) == 1 else True
 
 
-def apply_updates(params: Any, updates: Any, state: Any, *,
-                  mask_update: bool | None = None) -> tuple[Any, Any]:
+def apply_updates(
+    params: Any, updates: Any, state: Any, *, mask_update: bool | None = None
+) -> tuple[Any, Any]:
   """``optax.apply_updates``, re-masking the params, and the optimizer state after a mask update.
 
   After it every pruned weight is exactly 0.0, and so is every entry for a
@@ -257,7 +307,9 @@ def apply_updates(params: Any, updates: Any, state: Any, *,
   return params, remask_state(state, params, masks, mask_update)
 
 
-def remask_state(state: Any, params: Any, masks: Any, mask_update: bool | None = None) -> Any:
+def remask_state(
+    state: Any, params: Any, masks: Any, mask_update: bool | None = None
+) -> Any:
   """Zero the pruned entries of the params-shaped subtrees of ``state`` if the masks changed.
 
   ``mask_update`` as in :func:`apply_updates`: None reads the state's record (a

@@ -28,7 +28,9 @@ from sparseopt_jax import topology as topology_lib
 from sparseopt_jax import tree as tree_lib
 
 
-def _neuron_sharding(sharding: Any, axes: tuple[int, ...], ndim: int, default: Any) -> Any:
+def _neuron_sharding(
+    sharding: Any, axes: tuple[int, ...], ndim: int, default: Any
+) -> Any:
   """The sharding of the per-neuron values of a leaf sharded by ``sharding``."""
   if not isinstance(sharding, NamedSharding):
     return default
@@ -36,8 +38,14 @@ def _neuron_sharding(sharding: Any, axes: tuple[int, ...], ndim: int, default: A
   return NamedSharding(sharding.mesh, P(*(spec[a] for a in axes)))
 
 
-def state_shardings(tx: optax.GradientTransformation, params: Any, param_shardings: Any,
-                    default: Any, *, neuron_axis: int | None = None) -> Any:
+def state_shardings(
+    tx: optax.GradientTransformation,
+    params: Any,
+    param_shardings: Any,
+    default: Any,
+    *,
+    neuron_axis: int | None = None,
+) -> Any:
   """Shardings for ``tx.init(params)``, e.g. ``jax.jit(tx.init, out_shardings=...)``.
 
   Args:
@@ -54,29 +62,48 @@ def state_shardings(tx: optax.GradientTransformation, params: Any, param_shardin
   """
   shapes = jax.eval_shape(tx.init, params)
   out = optax.tree_utils.tree_map_params(
-      tx, lambda _, s: s, shapes, param_shardings, transform_non_params=lambda _: default,
-      is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+      tx,
+      lambda _, s: s,
+      shapes,
+      param_shardings,
+      transform_non_params=lambda _: default,
+      is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+  )
   owners = (topology_lib.TopologyState, masking.MaskState)
   is_owner = lambda x: isinstance(x, owners)
 
   def like_params(masks):
-    return jax.tree.map(lambda m, s: m if tree_lib.is_none(m) else s, masks, param_shardings,
-                        is_leaf=tree_lib.is_none)
+    return jax.tree.map(
+        lambda m, s: m if tree_lib.is_none(m) else s,
+        masks,
+        param_shardings,
+        is_leaf=tree_lib.is_none,
+    )
 
   def fix(node, shape):
     if not is_owner(node) or shape.masks is None:
       return node
     if isinstance(shape, masking.MaskState):
       return masking.MaskState(masks=like_params(shape.masks))
+
     def factor_sharding(p, m, s):
       if tree_lib.is_none(m):
         return m
-      axes = tree_lib.neuron_axes(tree_lib.path_str(p), len(m.shape), neuron_axis)
+      axes = tree_lib.neuron_axes(
+          tree_lib.path_str(p), len(m.shape), neuron_axis
+      )
       return _neuron_sharding(s, axes, len(m.shape), default)
-    factors = jax.tree_util.tree_map_with_path(factor_sharding, shape.masks, param_shardings,
-                                               is_leaf=tree_lib.is_none)
+
+    factors = jax.tree_util.tree_map_with_path(
+        factor_sharding, shape.masks, param_shardings, is_leaf=tree_lib.is_none
+    )
     return shape._replace(
-        step=default, key=default, changed=default, masks=like_params(shape.masks),
-        ever_active=jax.tree.map(lambda _: default, shape.ever_active), density_factors=factors)
+        step=default,
+        key=default,
+        changed=default,
+        masks=like_params(shape.masks),
+        ever_active=jax.tree.map(lambda _: default, shape.ever_active),
+        density_factors=factors,
+    )
 
   return jax.tree.map(fix, out, shapes, is_leaf=is_owner)

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import optax
 
 from sparseopt_jax import masking
-from sparseopt_jax.checks import check_choice
 from sparseopt_jax import tree as tree_lib
+from sparseopt_jax.checks import check_choice
 
 SKEW_MODES = ("density", "bn")
 _UNSET = object()
@@ -40,6 +40,7 @@ class SkewState(NamedTuple):
       when the masks come from ``update(..., masks=...)`` or the factors from
       ``update(..., density_factors=...)``.
   """
+
   density_factors: Any
 
 
@@ -50,7 +51,9 @@ def density_factors(densities: jax.Array) -> jax.Array:
   return jnp.where(mean > 0, jnp.sqrt(densities / safe), 0.0)
 
 
-def mask_density_factors(masks: Any, neuron_axis: int | None, xp: Any = jnp) -> Any:
+def mask_density_factors(
+    masks: Any, neuron_axis: int | None, xp: Any = jnp
+) -> Any:
   """Per sparse leaf of ``masks``, c_i of the density rule from its per-neuron counts.
 
   c_i = sqrt(d_i / mean_j d_j) = sqrt(count_i * n_neurons / n_active) for a
@@ -58,13 +61,17 @@ def mask_density_factors(masks: Any, neuron_axis: int | None, xp: Any = jnp) -> 
   in XLA (after a mask update). Shaped like the leaf's neuron axes
   (:func:`~sparseopt_jax.tree.neuron_axes`).
   """
+
   def leaf(p, m):
     if tree_lib.is_none(m):
       return m
     axes = tree_lib.neuron_axes(tree_lib.path_str(p), m.ndim, neuron_axis)
     counts = xp.sum(m, axis=tree_lib.reduce_axes(m.ndim, axes), dtype=xp.int32)
     total = xp.maximum(xp.sum(counts), 1).astype(xp.float32)
-    return xp.sqrt((counts * counts.size).astype(xp.float32) / total).astype(xp.float32)
+    return xp.sqrt((counts * counts.size).astype(xp.float32) / total).astype(
+        xp.float32
+    )
+
   return jax.tree_util.tree_map_with_path(leaf, masks, is_leaf=tree_lib.is_none)
 
 
@@ -76,18 +83,27 @@ def bn_factors(variance: jax.Array, epsilon: float, floor: float) -> jax.Array:
 
 def check_bn_pairs(bn_pairs: Any) -> dict[str, str | None]:
   if not isinstance(bn_pairs, Mapping):
-    raise ValueError("skew='bn' needs bn_pairs: a mapping from kernel path (e.g. "
-                     "'Conv_0/kernel') to the path of its BatchNorm in batch_stats "
-                     f"(e.g. 'BatchNorm_0'), got {type(bn_pairs).__name__}")
+    raise ValueError(
+        "skew='bn' needs bn_pairs: a mapping from kernel path (e.g. "
+        "'Conv_0/kernel') to the path of its BatchNorm in batch_stats "
+        f"(e.g. 'BatchNorm_0'), got {type(bn_pairs).__name__}"
+    )
   for k, v in bn_pairs.items():
     if not isinstance(k, str) or not (v is None or isinstance(v, str)):
-      raise ValueError(f"bn_pairs entries must be str -> str | None, got {k!r} -> {v!r}")
+      raise ValueError(
+          f"bn_pairs entries must be str -> str | None, got {k!r} -> {v!r}"
+      )
   return dict(bn_pairs)
 
 
-def _bn_variances(batch_stats: Any, bn_pairs: Mapping[str, str | None]) -> dict[str, jax.Array]:
+def _bn_variances(
+    batch_stats: Any, bn_pairs: Mapping[str, str | None]
+) -> dict[str, jax.Array]:
   """``{kernel path: running variance}`` for the kernels with a mapped BatchNorm."""
-  stats = {tree_lib.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(batch_stats)}
+  stats = {
+      tree_lib.path_str(p): x
+      for p, x in jax.tree_util.tree_leaves_with_path(batch_stats)
+  }
   out = {}
   for kernel, bn in bn_pairs.items():
     if bn is None:
@@ -95,10 +111,13 @@ def _bn_variances(batch_stats: Any, bn_pairs: Mapping[str, str | None]) -> dict[
     var = stats.get(f"{bn}/var", stats.get(bn))
     if var is None:
       known = sorted({p.rsplit("/", 1)[0] for p in stats})
-      raise ValueError(f"bn_pairs maps {kernel!r} to the BatchNorm {bn!r}, which batch_stats "
-                       f"does not hold (no '{bn}/var'); batch_stats has {known[:10]}. Only "
-                       "BatchNorm keeps a running variance: a LayerNorm (or any norm without "
-                       "running statistics) has none to read, so use skew='density' there")
+      raise ValueError(
+          f"bn_pairs maps {kernel!r} to the BatchNorm {bn!r}, which batch_stats"
+          f" does not hold (no '{bn}/var'); batch_stats has {known[:10]}. Only"
+          " BatchNorm keeps a running variance: a LayerNorm (or any norm"
+          " without running statistics) has none to read, so use"
+          " skew='density' there"
+      )
     out[kernel] = var
   return out
 
@@ -140,21 +159,40 @@ def skew_correct(
 
   def init_fn(params):
     if tree_lib.is_params_placeholder(params):
-      return SkewState(density_factors=None if given is None else tree_lib.NOT_PARAMS)
+      return SkewState(
+          density_factors=None if given is None else tree_lib.NOT_PARAMS
+      )
     unknown = sorted(set(pairs) - set(tree_lib.leaf_paths(params)))
     if unknown:
-      raise ValueError(f"bn_pairs names kernels that are not params: {unknown[:5]}; params "
-                       f"paths look like {tree_lib.leaf_paths(params)[:3]}")
+      raise ValueError(
+          f"bn_pairs names kernels that are not params: {unknown[:5]}; params "
+          f"paths look like {tree_lib.leaf_paths(params)[:3]}"
+      )
     if given is None:
       return SkewState(density_factors=None)
     tree_lib.check_masks_like(given, params)
     tree_lib.check_neuron_axis_fits(
-        {tree_lib.path_str(p): m.shape for p, m in jax.tree_util.tree_leaves_with_path(
-            given, is_leaf=tree_lib.is_none) if not tree_lib.is_none(m)}, neuron_axis)
+        {
+            tree_lib.path_str(p): m.shape
+            for p, m in jax.tree_util.tree_leaves_with_path(
+                given, is_leaf=tree_lib.is_none
+            )
+            if not tree_lib.is_none(m)
+        },
+        neuron_axis,
+    )
     return SkewState(density_factors=mask_density_factors(given, neuron_axis))
 
-  def update_fn(updates, state, params=None, *, masks=None, density_factors=_UNSET,
-                batch_stats=None, **extra_args):
+  def update_fn(
+      updates,
+      state,
+      params=None,
+      *,
+      masks=None,
+      density_factors=_UNSET,
+      batch_stats=None,
+      **extra_args,
+  ):
     del params, extra_args
     if density_factors is not _UNSET:  # None too: every leaf dense
       factors = density_factors
@@ -163,13 +201,18 @@ def skew_correct(
     elif state.density_factors is not None:
       factors = state.density_factors
     else:
-      raise ValueError("so.skew_correct() was built without masks, so update() needs the "
-                       "current masks as the keyword masks=... (or their density_factors=...)")
+      raise ValueError(
+          "so.skew_correct() was built without masks, so update() needs the"
+          " current masks as the keyword masks=... (or their"
+          " density_factors=...)"
+      )
     variances = {}
     if mode == "bn":
       if batch_stats is None:
-        raise ValueError("skew='bn' reads BatchNorm running variances: call "
-                         "tx.update(grads, state, params, batch_stats=variables['batch_stats'])")
+        raise ValueError(
+            "skew='bn' reads BatchNorm running variances: call tx.update(grads,"
+            " state, params, batch_stats=variables['batch_stats'])"
+        )
       variances = _bn_variances(batch_stats, pairs)
 
     def scale(p, c, u):
@@ -179,14 +222,17 @@ def skew_correct(
       if path in variances:
         var = variances[path]
         if var.shape != c.shape:
-          raise ValueError(f"the BatchNorm {pairs[path]!r} has {var.shape} features but "
-                           f"{path!r} has {c.shape} neurons")
+          raise ValueError(
+              f"the BatchNorm {pairs[path]!r} has {var.shape} features but "
+              f"{path!r} has {c.shape} neurons"
+          )
         c = bn_factors(var, bn_epsilon, bn_floor)
       axes = tree_lib.neuron_axes(path, u.ndim, neuron_axis)
       return u * tree_lib.per_neuron(c, u.ndim, axes).astype(u.dtype)
 
-    updates = jax.tree_util.tree_map_with_path(scale, factors, updates,
-                                               is_leaf=tree_lib.is_none)
+    updates = jax.tree_util.tree_map_with_path(
+        scale, factors, updates, is_leaf=tree_lib.is_none
+    )
     return updates, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -40,11 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparseopt_jax import budgets
-from sparseopt_jax.checks import check_choice, check_fraction, check_int
-from sparseopt_jax import masking
+from sparseopt_jax import budgets, masking
 from sparseopt_jax import skew as skew_lib
 from sparseopt_jax import tree as tree_lib
+from sparseopt_jax.checks import check_choice, check_fraction, check_int
 
 TOPOLOGIES = ("rigl", "set", "static")
 
@@ -67,6 +66,7 @@ class TopologyState(NamedTuple):
       :func:`~sparseopt_jax.apply_updates` when the optimizer state needs
       re-masking.
   """
+
   step: jax.Array
   key: jax.Array
   masks: Any
@@ -119,15 +119,24 @@ def _kth_largest(x: jax.Array, k: jax.Array, kmax: int) -> jax.Array:
   return values[jnp.maximum(k, 1) - 1]
 
 
-def _select(score: jax.Array, candidates: jax.Array, k: jax.Array, kmax: int,
-            tie_keys: jax.Array) -> jax.Array:
+def _select(
+    score: jax.Array,
+    candidates: jax.Array,
+    k: jax.Array,
+    kmax: int,
+    tie_keys: jax.Array,
+) -> jax.Array:
   """Bool vector marking the ``k`` candidates first in (score, tie key) order.
 
   ``k <= kmax`` (static) and ``k`` <= the number of candidates. Every candidate
   above the k-th score is taken; the ``r`` still needed come from those equal to
   it, by largest tie key. Tie keys are distinct, so exactly ``k`` are taken.
   """
-  low = -jnp.inf if jnp.issubdtype(score.dtype, jnp.floating) else jnp.iinfo(score.dtype).min
+  low = (
+      -jnp.inf
+      if jnp.issubdtype(score.dtype, jnp.floating)
+      else jnp.iinfo(score.dtype).min
+  )
   s = jnp.where(candidates, score, low)
   threshold = _kth_largest(s, k, kmax)
   above = s > threshold
@@ -139,7 +148,9 @@ def _select(score: jax.Array, candidates: jax.Array, k: jax.Array, kmax: int,
     return tied & (ties >= _kth_largest(ties, r, kmax)) & (r > 0)
 
   # Continuous scores rarely tie at the threshold: rank the ties only when some must lose.
-  return above | jax.lax.cond(jnp.sum(tied, dtype=jnp.int32) > r, break_ties, lambda: tied)
+  return above | jax.lax.cond(
+      jnp.sum(tied, dtype=jnp.int32) > r, break_ties, lambda: tied
+  )
 
 
 def _explicit_spec(x: jax.Array) -> Any:
@@ -184,7 +195,9 @@ def _unpack(bits: jax.Array, n: int) -> jax.Array:
 def exploration_counts(state: TopologyState) -> tuple[int, int]:
   """(weights ever active, sparse weights in all) over the sparse leaves."""
   ever = total = 0
-  for m, bits in zip(jax.tree.leaves(state.masks), jax.tree.leaves(state.ever_active)):
+  for m, bits in zip(
+      jax.tree.leaves(state.masks), jax.tree.leaves(state.ever_active)
+  ):
     ever += int(jnp.sum(_unpack(bits, m.size)))
     total += m.size
   return ever, total
@@ -248,75 +261,130 @@ def topology_update(
   tree_lib.check_neuron_axis(neuron_axis)
   if topology != "static":
     if end_step is None:
-      raise ValueError(f"topology={topology!r} needs end_step (the step after which masks "
-                       "stay fixed, typically 0.75 of training)")
+      raise ValueError(
+          f"topology={topology!r} needs end_step (the step after which masks "
+          "stay fixed, typically 0.75 of training)"
+      )
     end_step = check_int("end_step", end_step, 0)
     if end_step <= update_every:
       raise ValueError(
-          f"end_step {end_step} <= update_every {update_every}: topology={topology!r} would "
-          "never update the masks (the first update is at step update_every, the last before "
-          "end_step); lower update_every, raise end_step, or use topology='static'")
+          f"end_step {end_step} <= update_every {update_every}:"
+          f" topology={topology!r} would never update the masks (the first"
+          " update is at step update_every, the last before end_step); lower"
+          " update_every, raise end_step, or use topology='static'"
+      )
   seed = check_int("seed", seed, 0)
   given = None if masks is None else masking.as_bool_masks(masks)
   given_counts = None
   if given is not None:
-    given_counts = {path: int(np.sum(np.asarray(m))) for path, m in zip(
-        tree_lib.leaf_paths(jax.tree.map(lambda m: 0, given, is_leaf=tree_lib.is_none)),
-        jax.tree.leaves(given, is_leaf=tree_lib.is_none)) if not tree_lib.is_none(m)}
+    given_counts = {
+        path: int(np.sum(np.asarray(m)))
+        for path, m in zip(
+            tree_lib.leaf_paths(
+                jax.tree.map(lambda m: 0, given, is_leaf=tree_lib.is_none)
+            ),
+            jax.tree.leaves(given, is_leaf=tree_lib.is_none),
+        )
+        if not tree_lib.is_none(m)
+    }
   dynamic = topology != "static"
   schedule = optax.cosine_decay_schedule(drop_fraction, max(end_step or 1, 1))
 
   def init_fn(params):
     if tree_lib.is_params_placeholder(params):
-      return TopologyState(step=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(0),
-                           masks=tree_lib.NOT_PARAMS, ever_active=tree_lib.NOT_PARAMS,
-                           density_factors=tree_lib.NOT_PARAMS, changed=jnp.zeros([], bool))
-    if isinstance(sparse_filter, str) and given is None and not tree_lib.sparse_shapes(params, keep):
-      raise ValueError(f"sparse_filter {sparse_filter!r} matches no leaf with ndim >= 2; leaf "
-                       f"paths look like {tree_lib.leaf_paths(params)[:5]}")
+      return TopologyState(
+          step=jnp.zeros([], jnp.int32),
+          key=jax.random.PRNGKey(0),
+          masks=tree_lib.NOT_PARAMS,
+          ever_active=tree_lib.NOT_PARAMS,
+          density_factors=tree_lib.NOT_PARAMS,
+          changed=jnp.zeros([], bool),
+      )
+    if (
+        isinstance(sparse_filter, str)
+        and given is None
+        and not tree_lib.sparse_shapes(params, keep)
+    ):
+      raise ValueError(
+          f"sparse_filter {sparse_filter!r} matches no leaf with ndim >= 2;"
+          f" leaf paths look like {tree_lib.leaf_paths(params)[:5]}"
+      )
     if given is not None:
       tree_lib.check_masks_like(given, params)
-      host_masks = jax.tree.map(lambda m: m if tree_lib.is_none(m) else np.asarray(m), given,
-                                is_leaf=tree_lib.is_none)
+      host_masks = jax.tree.map(
+          lambda m: m if tree_lib.is_none(m) else np.asarray(m),
+          given,
+          is_leaf=tree_lib.is_none,
+      )
     else:
-      host_masks = masking.host_random_masks(params, sparsity, distribution,
-                                             sparse_filter=keep, seed=seed)
+      host_masks = masking.host_random_masks(
+          params, sparsity, distribution, sparse_filter=keep, seed=seed
+      )
     tree_lib.check_neuron_axis_fits(
-        {tree_lib.path_str(p): m.shape for p, m in jax.tree_util.tree_leaves_with_path(
-            host_masks, is_leaf=tree_lib.is_none) if not tree_lib.is_none(m)}, neuron_axis)
+        {
+            tree_lib.path_str(p): m.shape
+            for p, m in jax.tree_util.tree_leaves_with_path(
+                host_masks, is_leaf=tree_lib.is_none
+            )
+            if not tree_lib.is_none(m)
+        },
+        neuron_axis,
+    )
     to_device = lambda tree: jax.tree.map(
-        lambda x: x if tree_lib.is_none(x) else jnp.asarray(x), tree, is_leaf=tree_lib.is_none)
+        lambda x: x if tree_lib.is_none(x) else jnp.asarray(x),
+        tree,
+        is_leaf=tree_lib.is_none,
+    )
     return TopologyState(
         step=jnp.zeros([], jnp.int32),
         key=jax.random.fold_in(jax.random.PRNGKey(seed), 0x70B0),
         masks=to_device(host_masks),
         ever_active=to_device(jax.tree.map(lambda m: _pack(m, np), host_masks)),
-        density_factors=to_device(skew_lib.mask_density_factors(host_masks, neuron_axis, np)),
-        changed=jnp.zeros([], bool))
+        density_factors=to_device(
+            skew_lib.mask_density_factors(host_masks, neuron_axis, np)
+        ),
+        changed=jnp.zeros([], bool),
+    )
 
   def active_counts(params) -> dict[str, int]:
     """Per sparse leaf, its (constant) number of active weights; static."""
     if given_counts is not None:
       return given_counts
     shapes = tree_lib.sparse_shapes(params, keep)
-    return budgets.active_counts(shapes, budgets.layer_sparsities(shapes, sparsity, distribution))
+    return budgets.active_counts(
+        shapes, budgets.layer_sparsities(shapes, sparsity, distribution)
+    )
 
   def next_masks(state, params, grads):
     """(masks, ever_active, density_factors) after a mask update at ``state.step``."""
     counts = active_counts(params)
     f_t = schedule(state.step)
-    masks_flat, treedef = jax.tree.flatten(state.masks, is_leaf=tree_lib.is_none)
-    seeds = jax.random.bits(jax.random.fold_in(state.key, state.step),
-                            (len(masks_flat), 3), jnp.uint32)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in
-                                jax.tree.leaves(params) + jax.tree.leaves(grads)]))
+    masks_flat, treedef = jax.tree.flatten(
+        state.masks, is_leaf=tree_lib.is_none
+    )
+    seeds = jax.random.bits(
+        jax.random.fold_in(state.key, state.step),
+        (len(masks_flat), 3),
+        jnp.uint32,
+    )
+    finite = jnp.all(
+        jnp.stack([
+            jnp.all(jnp.isfinite(x))
+            for x in jax.tree.leaves(params) + jax.tree.leaves(grads)
+        ])
+    )
     new = []
     # Flattened like the masks: a MaskedNode (another multi_transform branch's leaf) counts.
     flat = lambda tree: jax.tree.leaves(tree, is_leaf=tree_lib.is_none)
-    paths = [tree_lib.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(
-        state.masks, is_leaf=tree_lib.is_none)]
-    for i, (path, m, w, g) in enumerate(zip(paths, masks_flat, flat(params), flat(grads),
-                                            strict=True)):
+    paths = [
+        tree_lib.path_str(p)
+        for p, _ in jax.tree_util.tree_leaves_with_path(
+            state.masks, is_leaf=tree_lib.is_none
+        )
+    ]
+    for i, (path, m, w, g) in enumerate(
+        zip(paths, masks_flat, flat(params), flat(grads), strict=True)
+    ):
       if tree_lib.is_none(m):
         new.append(m)
         continue
@@ -326,49 +394,93 @@ def topology_update(
         new.append(m)
         continue
       k = jnp.floor(f_t * n_active).astype(jnp.int32)
-      new.append(_new_leaf_mask(m, w, g, seeds[i], finite, k=k, kmax=kmax,
-                                grow_random=topology == "set"))
+      new.append(
+          _new_leaf_mask(
+              m,
+              w,
+              g,
+              seeds[i],
+              finite,
+              k=k,
+              kmax=kmax,
+              grow_random=topology == "set",
+          )
+      )
     new_masks = jax.tree.unflatten(treedef, new)
-    ever = jax.tree.map(lambda bits, m: bits | _pack(m), state.ever_active, new_masks)
+    ever = jax.tree.map(
+        lambda bits, m: bits | _pack(m), state.ever_active, new_masks
+    )
     factors = skew_lib.mask_density_factors(new_masks, neuron_axis)
     return new_masks, ever, factors
 
-  def update_fn(updates, state, params=None, *, grow_grads=None, mask_update=None, **extra_args):
+  def update_fn(
+      updates,
+      state,
+      params=None,
+      *,
+      grow_grads=None,
+      mask_update=None,
+      **extra_args,
+  ):
     del extra_args
     step = optax.safe_increment(state.step)
     if not dynamic or mask_update is False:
-      return (masking.mask_updates(updates, state.masks),
-              state._replace(step=step, changed=jnp.zeros([], bool)))
+      return (
+          masking.mask_updates(updates, state.masks),
+          state._replace(step=step, changed=jnp.zeros([], bool)),
+      )
     if params is None:
-      raise ValueError(f"topology_update({topology!r}) needs params in update() "
-                       "(the drop criterion ranks |w|)")
+      raise ValueError(
+          f"topology_update({topology!r}) needs params in update() "
+          "(the drop criterion ranks |w|)"
+      )
     if mask_update is not None and not isinstance(mask_update, bool):
-      raise ValueError("mask_update must be None (decide in the graph) or a Python bool "
-                       f"(a static choice of the compiled variant), got {mask_update!r}")
+      raise ValueError(
+          "mask_update must be None (decide in the graph) or a Python bool "
+          f"(a static choice of the compiled variant), got {mask_update!r}"
+      )
     grads = updates if grow_grads is None else grow_grads
-    due = is_mask_update_step(state.step, update_every=update_every, end_step=end_step)
+    due = is_mask_update_step(
+        state.step, update_every=update_every, end_step=end_step
+    )
 
     def change(state, params, grads, updates):
       masks, ever, factors = next_masks(state, params, grads)
       if mask_update:  # the host chose this variant: still follow the schedule
-        masks = jax.tree.map(lambda new, old: jnp.where(due, new, old), masks, state.masks)
-        factors = jax.tree.map(lambda new, old: jnp.where(due, new, old), factors,
-                               state.density_factors)
+        masks = jax.tree.map(
+            lambda new, old: jnp.where(due, new, old), masks, state.masks
+        )
+        factors = jax.tree.map(
+            lambda new, old: jnp.where(due, new, old),
+            factors,
+            state.density_factors,
+        )
       # Survivors only: dropped weights get no step, grown ones start at zero.
       survivors = jax.tree.map(jnp.logical_and, state.masks, masks)
       return masks, ever, factors, masking.mask_updates(updates, survivors)
 
     def keep_masks(state, params, grads, updates):
       del params, grads
-      return (state.masks, state.ever_active, state.density_factors,
-              masking.mask_updates(updates, state.masks))
+      return (
+          state.masks,
+          state.ever_active,
+          state.density_factors,
+          masking.mask_updates(updates, state.masks),
+      )
 
     if mask_update:
       masks, ever, factors, updates = change(state, params, grads, updates)
     else:
-      masks, ever, factors, updates = jax.lax.cond(due, change, keep_masks, state, params, grads,
-                                                   updates)
-    return updates, TopologyState(step=step, key=state.key, masks=masks, ever_active=ever,
-                                  density_factors=factors, changed=due)
+      masks, ever, factors, updates = jax.lax.cond(
+          due, change, keep_masks, state, params, grads, updates
+      )
+    return updates, TopologyState(
+        step=step,
+        key=state.key,
+        masks=masks,
+        ever_active=ever,
+        density_factors=factors,
+        changed=due,
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -66,7 +66,10 @@ def map_with_masks(fn: Callable, masks: Any, *trees: Any) -> Any:
   """
   return jax.tree.map(
       lambda m, x, *rest: x if is_none(m) else fn(m, x, *rest),
-      masks, *trees, is_leaf=is_none)
+      masks,
+      *trees,
+      is_leaf=is_none,
+  )
 
 
 def default_sparse_filter(path: str, leaf: Any) -> bool:
@@ -86,7 +89,9 @@ def kernel_filter(path: str, leaf: Any) -> bool:
   return role(path) == "kernel" and jnp.ndim(leaf) >= 2
 
 
-def make_sparse_filter(sparse_filter: SparseFilter) -> Callable[[str, Any], bool]:
+def make_sparse_filter(
+    sparse_filter: SparseFilter,
+) -> Callable[[str, Any], bool]:
   """A predicate ``(path, leaf) -> bool`` from ``None``, a regex, or a callable."""
   if sparse_filter is None:
     return default_sparse_filter
@@ -94,16 +99,21 @@ def make_sparse_filter(sparse_filter: SparseFilter) -> Callable[[str, Any], bool
     try:
       pattern = re.compile(sparse_filter)
     except re.error as e:
-      raise ValueError(f"sparse_filter {sparse_filter!r} is not a valid regex: {e}") from e
+      raise ValueError(
+          f"sparse_filter {sparse_filter!r} is not a valid regex: {e}"
+      ) from e
     return lambda path, leaf: bool(pattern.search(path)) and jnp.ndim(leaf) >= 2
   if callable(sparse_filter):
     return sparse_filter
   raise ValueError(
-      f"sparse_filter must be None, a regex string or a callable (path, leaf) -> bool, "
-      f"got {type(sparse_filter).__name__}")
+      "sparse_filter must be None, a regex string or a callable (path, leaf)"
+      f" -> bool, got {type(sparse_filter).__name__}"
+  )
 
 
-def sparse_shapes(params: Any, sparse_filter: Callable[[str, Any], bool]) -> dict[str, tuple]:
+def sparse_shapes(
+    params: Any, sparse_filter: Callable[[str, Any], bool]
+) -> dict[str, tuple]:
   """``{path: shape}`` of the leaves that ``sparse_filter`` selects, in tree order.
 
   The default filter selects by role: when any leaf is named ``kernel`` (Flax's
@@ -112,40 +122,53 @@ def sparse_shapes(params: Any, sparse_filter: Callable[[str, Any], bool]) -> dic
   dense; in a tree that names no leaf ``kernel``, every leaf with ndim >= 2.
   """
   if sparse_filter is default_sparse_filter and any(
-      role(path) == "kernel" for path in leaf_paths(params)):
+      role(path) == "kernel" for path in leaf_paths(params)
+  ):
     sparse_filter = kernel_filter
   shapes = {}
   for p, leaf in jax.tree_util.tree_leaves_with_path(params):
     path = path_str(p)
     if sparse_filter(path, leaf):
       if jnp.ndim(leaf) < 1:
-        raise ValueError(f"sparse_filter selected the scalar leaf {path!r}; "
-                         "only arrays with a neuron axis can be sparse")
+        raise ValueError(
+            f"sparse_filter selected the scalar leaf {path!r}; "
+            "only arrays with a neuron axis can be sparse"
+        )
       shapes[path] = tuple(jnp.shape(leaf))
   return shapes
 
 
 def check_neuron_axis(neuron_axis: int | None) -> int | None:
-  if neuron_axis is not None and (not isinstance(neuron_axis, int) or isinstance(neuron_axis, bool)):
-    raise ValueError(f"neuron_axis must be None (by role) or an int, got {neuron_axis!r}")
+  if neuron_axis is not None and (
+      not isinstance(neuron_axis, int) or isinstance(neuron_axis, bool)
+  ):
+    raise ValueError(
+        f"neuron_axis must be None (by role) or an int, got {neuron_axis!r}"
+    )
   return neuron_axis
 
 
-def check_neuron_axis_fits(shapes: dict[str, tuple], neuron_axis: int | None) -> None:
+def check_neuron_axis_fits(
+    shapes: dict[str, tuple], neuron_axis: int | None
+) -> None:
   """Raise ValueError naming the first sparse leaf that has no axis ``neuron_axis``."""
   if neuron_axis is None:
     return
   for path, shape in shapes.items():
     if not -len(shape) <= neuron_axis < len(shape):
-      raise ValueError(f"neuron_axis {neuron_axis} is out of range for the sparse leaf {path!r} "
-                       f"of shape {tuple(shape)} ({len(shape)} axes)")
+      raise ValueError(
+          f"neuron_axis {neuron_axis} is out of range for the sparse leaf"
+          f" {path!r} of shape {tuple(shape)} ({len(shape)} axes)"
+      )
 
 
 # Flax attention's query/key/value kernels: (in_features, heads, head_dim).
 _QKV_KERNEL = re.compile(r"(^|/)(query|key|value)/kernel(/value)?$")
 
 
-def neuron_axes(path: str, ndim: int, neuron_axis: int | None = None) -> tuple[int, ...]:
+def neuron_axes(
+    path: str, ndim: int, neuron_axis: int | None = None
+) -> tuple[int, ...]:
   """The axes of a leaf that index its neurons (outputs); the others are each one's fan-in.
 
   With ``neuron_axis`` given, that axis of every leaf. With None (the default),
@@ -171,7 +194,9 @@ def reduce_axes(ndim: int, axes: int | tuple[int, ...]) -> tuple[int, ...]:
   return tuple(a for a in range(ndim) if a not in keep)
 
 
-def per_neuron(values: jax.Array, ndim: int, axes: int | tuple[int, ...]) -> jax.Array:
+def per_neuron(
+    values: jax.Array, ndim: int, axes: int | tuple[int, ...]
+) -> jax.Array:
   """Reshape per-neuron values (shaped like the neuron axes) to broadcast against the leaf."""
   shape = [1] * ndim
   for a, n in zip(_axes(ndim, axes), values.shape, strict=True):
@@ -190,13 +215,18 @@ def check_masks_like(masks: Any, params: Any, what: str = "masks") -> None:
   param_def = jax.tree.structure(params, is_leaf=is_none)
   if mask_def != param_def:
     raise ValueError(
-        f"{what} must be a pytree with the structure of the params (None for dense leaves); "
-        f"{what} has {mask_def.num_leaves} leaves {mask_def}, the params have "
-        f"{param_def.num_leaves} leaves {param_def}")
-  for (p, x), m in zip(jax.tree_util.tree_leaves_with_path(params, is_leaf=is_none),
-                       jax.tree.leaves(masks, is_leaf=is_none)):
+        f"{what} must be a pytree with the structure of the params (None for"
+        f" dense leaves); {what} has {mask_def.num_leaves} leaves {mask_def},"
+        f" the params have {param_def.num_leaves} leaves {param_def}"
+    )
+  for (p, x), m in zip(
+      jax.tree_util.tree_leaves_with_path(params, is_leaf=is_none),
+      jax.tree.leaves(masks, is_leaf=is_none),
+  ):
     if is_none(m):
       continue
     if tuple(jnp.shape(m)) != tuple(jnp.shape(x)):
-      raise ValueError(f"{what} leaf {path_str(p)!r} has shape {tuple(jnp.shape(m))}, "
-                       f"the param has shape {tuple(jnp.shape(x))}")
+      raise ValueError(
+          f"{what} leaf {path_str(p)!r} has shape {tuple(jnp.shape(m))}, "
+          f"the param has shape {tuple(jnp.shape(x))}"
+      )

@@ -6,12 +6,15 @@ import math
 import os
 import sys
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "benchmarks")
+BENCHMARKS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"
+)
 
 
 def test_step_cost_smoke(tmp_path):
-  results = _run_smoke("step_cost", tmp_path, "--models", "resnet20", "--rounds", "2")
+  results = _run_smoke(
+      "step_cost", tmp_path, "--models", "resnet20", "--rounds", "2"
+  )
   res = results["models"]["resnet20"]
   arms = res["arms"]
   assert set(arms) == {"dense_sgd", "static", "rigl", "rigl_update"}
@@ -29,7 +32,9 @@ def test_step_cost_smoke(tmp_path):
     assert row["mask_bytes_per_sparse_weight"] <= 1.0, name
     assert row["mask_dtype"] == "bool", name
     padding = row["sparse_leaves"] / row["sparse_weights"]
-    assert row["mask_and_exploration_bytes_per_sparse_weight"] <= 1.125 + padding, name
+    assert (
+        row["mask_and_exploration_bytes_per_sparse_weight"] <= 1.125 + padding
+    ), name
     assert abs(row["realised_sparsity"] - 0.9) < 0.01, name
   # Dense SGD keeps one momentum per weight; SparseOpt adds masks, exploration bits and
   # one cached float32 factor per neuron.
@@ -37,24 +42,34 @@ def test_step_cost_smoke(tmp_path):
   assert 4.0 <= dense < 4.01
   static = arms["static"]
   assert static["opt_state_bytes_per_weight"] <= (
-      dense + 1.125 + static["density_factor_bytes_per_weight"] + 0.01)
+      dense + 1.125 + static["density_factor_bytes_per_weight"] + 0.01
+  )
   # The host-scheduled ordinary step holds no conditional (the update variant, compiled
   # apart, has one per leaf and selection, to rank exact ties only where some must lose).
   for name in ("dense_sgd", "static", "rigl"):
     assert arms[name]["step_hlo"]["conditionals"] == 0, name
   summary = res["summary"]
-  for key in ("static_ordinary_ratio", "rigl_ordinary_ratio", "rigl_update_ratio",
-              "rigl_amortised_ratio", "tx_init_over_model_init", "compile_ratio_ordinary",
-              "compile_ratio_update_variant"):
+  for key in (
+      "static_ordinary_ratio",
+      "rigl_ordinary_ratio",
+      "rigl_update_ratio",
+      "rigl_amortised_ratio",
+      "tx_init_over_model_init",
+      "compile_ratio_ordinary",
+      "compile_ratio_update_variant",
+  ):
     assert summary[key] > 0, key
 
 
 def _load_benchmark_script(name):
   """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
   spec = importlib.util.spec_from_file_location(
-      f"benchmarks_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
+      f"benchmarks_{name}", os.path.join(BENCHMARKS, f"{name}.py")
+  )
   module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up in sys.modules
+  sys.modules[spec.name] = (
+      module  # dataclasses look their module up in sys.modules
+  )
   try:
     spec.loader.exec_module(module)
   finally:
@@ -79,8 +94,14 @@ def _finite(x):
 
 def test_skew_benchmark_smoke(tmp_path):
   results = _run_smoke("skew", tmp_path)
-  assert results["config"]["model"] == "resnet20" and results["config"]["skew"] is None
-  assert results["config"]["topology"] == "rigl" and results["config"]["sparsity"] == 0.9
+  assert (
+      results["config"]["model"] == "resnet20"
+      and results["config"]["skew"] is None
+  )
+  assert (
+      results["config"]["topology"] == "rigl"
+      and results["config"]["sparsity"] == 0.9
+  )
   layers = results["layers"]
   assert len(layers) >= 10 and set(layers) == set(results["sparse_layers"])
   assert not set(layers) & set(results["dense_leaves"])
@@ -90,18 +111,29 @@ def test_skew_benchmark_smoke(tmp_path):
       for kind in ("raw", "corrected"):
         assert _finite(row[when][kind]), (path, when, kind)
         # The density correction adds exactly 0.5 to the slope.
-        assert abs(row[when]["corrected"] - row[when]["raw"] - 0.5) < 1e-3, (path, when)
-      assert len(row[when]["log_density"]) == len(row[when]["log_rms_raw"]) > 1, path
+        assert abs(row[when]["corrected"] - row[when]["raw"] - 0.5) < 1e-3, (
+            path,
+            when,
+        )
+      assert (
+          len(row[when]["log_density"]) == len(row[when]["log_rms_raw"]) > 1
+      ), path
   for key in ("init_raw", "init_corrected", "trained_raw", "trained_corrected"):
     assert _finite(results["mean"][key]), key
-  assert results["mean"]["init_raw"] < 0  # BatchNorm after sparse convs skews the raw gradient
+  assert (
+      results["mean"]["init_raw"] < 0
+  )  # BatchNorm after sparse convs skews the raw gradient
   assert set(results["stages"]) == {"stage1", "stage2", "stage3"}
   for stage in results["stages"].values():
     assert _finite(stage["init_raw"]) and _finite(stage["trained_corrected"])
   assert results["checks"]["corrected_minus_raw_minus_half_max_abs"] < 1e-3
   assert [t["step"] for t in results["trace"]] == [0, 2, 4]
-  assert results["mask_update_steps"]  # the smoke run updates the masks at least once
-  assert 0 < results["exploration"] <= 1 and _finite(results["train"]["final_loss"])
+  assert results[
+      "mask_update_steps"
+  ]  # the smoke run updates the masks at least once
+  assert 0 < results["exploration"] <= 1 and _finite(
+      results["train"]["final_loss"]
+  )
 
 
 def test_scaling_benchmark_smoke(tmp_path):
@@ -117,15 +149,25 @@ def test_scaling_benchmark_smoke(tmp_path):
   assert len(agreement["per_step"]) == results["args"]["check_steps"]
   first = agreement["first_step"]
   assert first["allclose"] and first["mask_entries_differing"] == 0
-  assert first["params_max_abs_diff"] < 1e-5 and first["batch_stats_max_abs_diff"] < 1e-5
+  assert (
+      first["params_max_abs_diff"] < 1e-5
+      and first["batch_stats_max_abs_diff"] < 1e-5
+  )
   for st in agreement["per_step"]:
-    for key in ("params_max_abs_diff", "batch_stats_max_abs_diff", "floor_params_max_abs_diff",
-                "floor_batch_stats_max_abs_diff"):
+    for key in (
+        "params_max_abs_diff",
+        "batch_stats_max_abs_diff",
+        "floor_params_max_abs_diff",
+        "floor_batch_stats_max_abs_diff",
+    ):
       assert _finite(st[key]), key
   assert results["agreement"] is True
   assert results["tolerance"] == {"rtol": 1e-4, "atol": 1e-5}
   # Rounding gives ~1e-4 of the step's update; per-shard BatchNorm statistics would give > 1.
-  assert first["params_update_rel_diff"] < 0.1 and results["sharding_consistent"] is True
+  assert (
+      first["params_update_rel_diff"] < 0.1
+      and results["sharding_consistent"] is True
+  )
 
 
 def test_convergence_smoke(tmp_path):
@@ -137,12 +179,25 @@ def test_convergence_smoke(tmp_path):
   rows = {r["arm"]: r for r in result["rows"]}
   assert set(rows) == {"rigl90_base", "rigl90_density"}
   for row in rows.values():
-    assert row["seeds"] == 2 and 0 <= row["acc_mean"] <= 100 and _finite(row["acc_std"])
+    assert (
+        row["seeds"] == 2
+        and 0 <= row["acc_mean"] <= 100
+        and _finite(row["acc_std"])
+    )
     assert 0 < row["exploration"] <= 1
   corrected = rows["rigl90_density"]
-  assert _finite(corrected["delta_vs_base"]) and "steps_to_base_final_ratio" in corrected
+  assert (
+      _finite(corrected["delta_vs_base"])
+      and "steps_to_base_final_ratio" in corrected
+  )
   # A finished sweep is not run again: the second call only aggregates.
-  done = tmp_path / "convergence_runs" / "fashion_mnist_steps6" / "rigl90_base_seed0" / "done.json"
+  done = (
+      tmp_path
+      / "convergence_runs"
+      / "fashion_mnist_steps6"
+      / "rigl90_base_seed0"
+      / "done.json"
+  )
   before = os.path.getmtime(done)
   convergence.main(["--smoke", "--out", str(tmp_path)])
   assert os.path.getmtime(done) == before

@@ -10,17 +10,29 @@ import sparseopt_jax as so
 
 
 def test_summary_reports_sparsity_densities_and_growing_exploration():
-  params = {"a": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (64, 32))},
-            "b": {"kernel": jax.random.normal(jax.random.PRNGKey(1), (3, 3, 8, 16)),
-                  "bias": jnp.zeros(16)}}
-  tx = optax.chain(so.sparseopt(0.9, distribution="uniform", update_every=1, end_step=20,
-                                topology="set"), optax.sgd(0.1))
+  params = {
+      "a": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (64, 32))},
+      "b": {
+          "kernel": jax.random.normal(jax.random.PRNGKey(1), (3, 3, 8, 16)),
+          "bias": jnp.zeros(16),
+      },
+  }
+  tx = optax.chain(
+      so.sparseopt(
+          0.9,
+          distribution="uniform",
+          update_every=1,
+          end_step=20,
+          topology="set",
+      ),
+      optax.sgd(0.1),
+  )
   state = tx.init(params)
   params = so.apply_masks(params, state)
   first = so.sparsity_summary(state)
   assert first["exploration"] == pytest.approx(1 - first["sparsity"])
   for i in range(6):
-    grads = jax.tree.map(lambda x: jnp.ones_like(x) * (i + 1), params)
+    grads = jax.tree.map(lambda x, i=i: jnp.ones_like(x) * (i + 1), params)
     params, state = so.apply_updates(params, *tx.update(grads, state, params))
   summary = so.sparsity_summary(state)
   assert set(summary["leaves"]) == {"a/kernel", "b/kernel"}
@@ -36,7 +48,9 @@ def test_summary_reports_sparsity_densities_and_growing_exploration():
 
 def test_exploration_state_costs_an_eighth_of_a_byte_per_weight():
   params = {"w": jnp.zeros((100, 37))}
-  state = so.topology_update("rigl", sparsity=0.9, update_every=5, end_step=10).init(params)
+  state = so.topology_update(
+      "rigl", sparsity=0.9, update_every=5, end_step=10
+  ).init(params)
   assert state.masks["w"].dtype == jnp.bool_ and state.masks["w"].nbytes == 3700
   assert state.ever_active["w"].nbytes == -(-3700 // 8)
 

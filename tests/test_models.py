@@ -1,4 +1,4 @@
-"""Tests for sparseopt_jax.models: ResNets, presets and structural bn_pairs."""
+"""Tests for sparseopt_jax.training.models: ResNets, presets and structural bn_pairs."""
 
 import functools
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from sparseopt_jax.models import (
+from sparseopt_jax.flax_support.linen import bn_pairs
+from sparseopt_jax.training.models import (
     MODELS,
     BasicBlock,
     BottleneckBlock,
@@ -18,47 +19,52 @@ from sparseopt_jax.models import (
     ResNet18,
     ResNet20,
     ResNet50,
-    bn_pairs,
     get_model,
 )
 
 # Tiny versions keep compile and run times small on CPU.
 TINY = {
     "resnet20": functools.partial(ResNet20, num_filters=4),  # 4/8/16 channels
-    "resnet18": functools.partial(ResNet18, num_filters=4),  # 4/8/16/32 channels
-    "resnet50": functools.partial(ResNet50, num_filters=4),  # 16/32/64/128 out channels
+    "resnet18": functools.partial(
+        ResNet18, num_filters=4
+    ),  # 4/8/16/32 channels
+    "resnet50": functools.partial(
+        ResNet50, num_filters=4
+    ),  # 16/32/64/128 out channels
 }
 NUM_CLASSES, BATCH = 7, 4
 
 
 def _key(seed):
-    # XLA compiles threefry-based init slowly on CPU (seconds per model); the
-    # "rbg" PRNG gives the same init distributions at a fraction of the cost.
-    return jax.random.key(seed, impl="rbg")
+  # XLA compiles threefry-based init slowly on CPU (seconds per model); the
+  # "rbg" PRNG gives the same init distributions at a fraction of the cost.
+  return jax.random.key(seed, impl="rbg")
 
 
 def _n_params(tree):
-    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+  return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny(name):
-    """(model, jitted init, jitted train-mode apply, jitted eval-mode apply).
+  """(model, jitted init, jitted train-mode apply, jitted eval-mode apply).
 
-    Cached so that tests using the same model and input shape share compilations.
-    """
-    model = TINY[name](num_classes=NUM_CLASSES)
-    init = jax.jit(functools.partial(model.init, train=False))
-    train = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
-    evaluate = jax.jit(functools.partial(model.apply, train=False))
-    return model, init, train, evaluate
+  Cached so that tests using the same model and input shape share compilations.
+  """
+  model = TINY[name](num_classes=NUM_CLASSES)
+  init = jax.jit(functools.partial(model.init, train=False))
+  train = jax.jit(
+      functools.partial(model.apply, train=True, mutable=["batch_stats"])
+  )
+  evaluate = jax.jit(functools.partial(model.apply, train=False))
+  return model, init, train, evaluate
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_init(name, shape):
-    _, init, _, _ = _tiny(name)
-    x = jax.random.normal(jax.random.key(1), (BATCH, *shape), jnp.float32)
-    return x, init(_key(0), x)
+  _, init, _, _ = _tiny(name)
+  x = jax.random.normal(jax.random.key(1), (BATCH, *shape), jnp.float32)
+  return x, init(_key(0), x)
 
 
 # ---------------------------------------------------------------------------
@@ -78,86 +84,116 @@ def _tiny_init(name, shape):
     ids=lambda v: v if isinstance(v, str) else "x".join(map(str, v)),
 )
 def test_init_apply_train_and_eval(name, shape):
-    _, _, train, evaluate = _tiny(name)
-    x, variables = _tiny_init(name, shape)
-    assert set(variables) == {"params", "batch_stats"}
-    assert variables["params"]["conv_init"]["kernel"].shape[-2] == shape[-1]
+  _, _, train, evaluate = _tiny(name)
+  x, variables = _tiny_init(name, shape)
+  assert set(variables) == {"params", "batch_stats"}
+  assert variables["params"]["conv_init"]["kernel"].shape[-2] == shape[-1]
 
-    train_out, updates = train(variables, x)
-    eval_out = evaluate(variables, x)  # no mutable collection needed in eval mode
-    assert train_out.shape == (BATCH, NUM_CLASSES) and eval_out.shape == (BATCH, NUM_CLASSES)
-    assert train_out.dtype == jnp.float32 and eval_out.dtype == jnp.float32
-    assert bool(jnp.all(jnp.isfinite(train_out))) and bool(jnp.all(jnp.isfinite(eval_out)))
-    # Train mode updates the running statistics, with the same tree structure.
-    new_bs, old_bs = updates["batch_stats"], variables["batch_stats"]
-    assert jax.tree.structure(new_bs) == jax.tree.structure(old_bs)
-    assert not all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(new_bs), jax.tree.leaves(old_bs)))
-    # Train mode normalises with batch statistics, eval mode with running ones.
-    assert not bool(jnp.allclose(train_out, eval_out))
+  train_out, updates = train(variables, x)
+  eval_out = evaluate(variables, x)  # no mutable collection needed in eval mode
+  assert train_out.shape == (BATCH, NUM_CLASSES) and eval_out.shape == (
+      BATCH,
+      NUM_CLASSES,
+  )
+  assert train_out.dtype == jnp.float32 and eval_out.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(train_out))) and bool(
+      jnp.all(jnp.isfinite(eval_out))
+  )
+  # Train mode updates the running statistics, with the same tree structure.
+  new_bs, old_bs = updates["batch_stats"], variables["batch_stats"]
+  assert jax.tree.structure(new_bs) == jax.tree.structure(old_bs)
+  assert not all(
+      bool(jnp.array_equal(a, b))
+      for a, b in zip(jax.tree.leaves(new_bs), jax.tree.leaves(old_bs))
+  )
+  # Train mode normalises with batch statistics, eval mode with running ones.
+  assert not bool(jnp.allclose(train_out, eval_out))
 
 
-def _cifar_resnet_param_count(n, widths=(16, 32, 64), in_channels=3, num_classes=10):
-    """Params of the 6n+2 CIFAR ResNet with projection (1x1 conv + BN) shortcuts."""
-    w0 = widths[0]
-    count = 3 * 3 * in_channels * w0 + 2 * w0  # stem conv (no bias) + BN scale/bias
-    c_in = w0
-    for stage, w in enumerate(widths):
-        for block in range(n):
-            count += 3 * 3 * c_in * w + 2 * w  # conv1 + bn1
-            count += 3 * 3 * w * w + 2 * w  # conv2 + bn2
-            if stage > 0 and block == 0:  # stride 2 and channel change -> projection
-                count += c_in * w + 2 * w
-            c_in = w
-    count += c_in * num_classes + num_classes  # dense head with bias
-    return count
+def _cifar_resnet_param_count(
+    n, widths=(16, 32, 64), in_channels=3, num_classes=10
+):
+  """Params of the 6n+2 CIFAR ResNet with projection (1x1 conv + BN) shortcuts."""
+  w0 = widths[0]
+  count = (
+      3 * 3 * in_channels * w0 + 2 * w0
+  )  # stem conv (no bias) + BN scale/bias
+  c_in = w0
+  for stage, w in enumerate(widths):
+    for block in range(n):
+      count += 3 * 3 * c_in * w + 2 * w  # conv1 + bn1
+      count += 3 * 3 * w * w + 2 * w  # conv2 + bn2
+      if stage > 0 and block == 0:  # stride 2 and channel change -> projection
+        count += c_in * w + 2 * w
+      c_in = w
+  count += c_in * num_classes + num_classes  # dense head with bias
+  return count
 
 
 def test_resnet20_parameter_count():
-    expected = _cifar_resnet_param_count(3)
-    assert expected == 272_474  # ~0.27M as in He et al. 2016 (+2,752 for projections)
-    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: ResNet20(num_classes=10).init(jax.random.key(0), x), x)
-    assert _n_params(variables["params"]) == expected
-    # Running statistics are not parameters: mean + var for every BN channel.
-    bn_channels = 16 + 6 * 16 + 6 * 32 + 6 * 64 + 32 + 64  # stem, 18 blocks x 2, 2 projections
-    assert _n_params(variables["batch_stats"]) == 2 * bn_channels
+  expected = _cifar_resnet_param_count(3)
+  assert (
+      expected == 272_474
+  )  # ~0.27M as in He et al. 2016 (+2,752 for projections)
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  variables = jax.eval_shape(
+      lambda x: ResNet20(num_classes=10).init(jax.random.key(0), x), x
+  )
+  assert _n_params(variables["params"]) == expected
+  # Running statistics are not parameters: mean + var for every BN channel.
+  bn_channels = (
+      16 + 6 * 16 + 6 * 32 + 6 * 64 + 32 + 64
+  )  # stem, 18 blocks x 2, 2 projections
+  assert _n_params(variables["batch_stats"]) == 2 * bn_channels
 
 
-@pytest.mark.parametrize("model_fn, expected", [(ResNet18, 11_689_512), (ResNet50, 25_557_032)])
+@pytest.mark.parametrize(
+    "model_fn, expected", [(ResNet18, 11_689_512), (ResNet50, 25_557_032)]
+)
 def test_imagenet_parameter_counts_match_reference(model_fn, expected):
-    # Reference counts of torchvision's resnet18 / resnet50 (v1.5), 1000 classes.
-    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: model_fn().init(jax.random.key(0), x), x)
-    assert _n_params(variables["params"]) == expected
+  # Reference counts of torchvision's resnet18 / resnet50 (v1.5), 1000 classes.
+  x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model_fn().init(jax.random.key(0), x), x)
+  assert _n_params(variables["params"]) == expected
 
 
 def test_resnet50_v15_stride_on_3x3_and_shapes():
-    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: ResNet50(num_filters=8, num_classes=5).init(jax.random.key(0), x), x)
-    p = variables["params"]
-    assert p["conv_init"]["kernel"].shape == (7, 7, 3, 8)
-    blk = p["stage2_block0"]
-    assert blk["conv1"]["kernel"].shape == (1, 1, 32, 16)
-    assert blk["conv2"]["kernel"].shape == (3, 3, 16, 16)
-    assert blk["conv3"]["kernel"].shape == (1, 1, 16, 64)
-    assert blk["proj_conv"]["kernel"].shape == (1, 1, 32, 64)
-    assert p["head"]["kernel"].shape == (8 * 8 * 4, 5)  # 8 * 2**3 filters, expansion 4
-    # Convs have no bias; only the head and the BNs do.
-    biased = {path[-2] for path in flatten_dict(p) if path[-1] == "bias"}
-    assert biased == {"head", "bn_init", "bn1", "bn2", "bn3", "proj_bn"}
+  x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+  variables = jax.eval_shape(
+      lambda x: ResNet50(num_filters=8, num_classes=5).init(
+          jax.random.key(0), x
+      ),
+      x,
+  )
+  p = variables["params"]
+  assert p["conv_init"]["kernel"].shape == (7, 7, 3, 8)
+  blk = p["stage2_block0"]
+  assert blk["conv1"]["kernel"].shape == (1, 1, 32, 16)
+  assert blk["conv2"]["kernel"].shape == (3, 3, 16, 16)
+  assert blk["conv3"]["kernel"].shape == (1, 1, 16, 64)
+  assert blk["proj_conv"]["kernel"].shape == (1, 1, 32, 64)
+  assert p["head"]["kernel"].shape == (
+      8 * 8 * 4,
+      5,
+  )  # 8 * 2**3 filters, expansion 4
+  # Convs have no bias; only the head and the BNs do.
+  biased = {path[-2] for path in flatten_dict(p) if path[-1] == "bias"}
+  assert biased == {"head", "bn_init", "bn1", "bn2", "bn3", "proj_bn"}
 
-    # Stride-2 lives on the 3x3 conv: capture intermediate shapes.
-    model = ResNet50(num_filters=8, num_classes=5)
-    _, state = jax.eval_shape(
-        lambda x: model.init_with_output(
-            jax.random.key(0), x, capture_intermediates=lambda m, _: isinstance(m, nn.Conv)
-        ),
-        x,
-    )
-    inter = state["intermediates"]["stage2_block0"]
-    assert inter["conv1"]["__call__"][0].shape == (2, 16, 16, 16)  # 1x1, stride 1
-    assert inter["conv2"]["__call__"][0].shape == (2, 8, 8, 16)  # 3x3, stride 2
-    assert inter["proj_conv"]["__call__"][0].shape == (2, 8, 8, 64)
+  # Stride-2 lives on the 3x3 conv: capture intermediate shapes.
+  model = ResNet50(num_filters=8, num_classes=5)
+  _, state = jax.eval_shape(
+      lambda x: model.init_with_output(
+          jax.random.key(0),
+          x,
+          capture_intermediates=lambda m, _: isinstance(m, nn.Conv),
+      ),
+      x,
+  )
+  inter = state["intermediates"]["stage2_block0"]
+  assert inter["conv1"]["__call__"][0].shape == (2, 16, 16, 16)  # 1x1, stride 1
+  assert inter["conv2"]["__call__"][0].shape == (2, 8, 8, 16)  # 3x3, stride 2
+  assert inter["proj_conv"]["__call__"][0].shape == (2, 8, 8, 64)
 
 
 # ---------------------------------------------------------------------------
@@ -166,165 +202,142 @@ def test_resnet50_v15_stride_on_3x3_and_shapes():
 
 
 def _randomize(tree, fn):
-    return jax.tree.map(lambda leaf: jnp.asarray(fn(np.asarray(leaf)), leaf.dtype), tree)
+  return jax.tree.map(
+      lambda leaf: jnp.asarray(fn(np.asarray(leaf)), leaf.dtype), tree
+  )
 
 
 def _zero_batch_bns(old_bs, new_bs):
-    """BN paths whose running stats were updated exactly as by an all-zero batch."""
-    old, new = flatten_dict(old_bs), flatten_dict(new_bs)
-    m = np.float32(0.9)
-    hits = set()
-    for path in old:
-        if path[-1] != "var":
-            continue
-        bn = path[:-1]
-        old_mean, old_var = np.asarray(old[bn + ("mean",)]), np.asarray(old[bn + ("var",)])
-        new_mean, new_var = np.asarray(new[bn + ("mean",)]), np.asarray(new[bn + ("var",)])
-        if np.array_equal(new_mean, m * old_mean) and np.array_equal(new_var, m * old_var):
-            hits.add("/".join(bn))
-    return hits
+  """BN paths whose running stats were updated exactly as by an all-zero batch."""
+  old, new = flatten_dict(old_bs), flatten_dict(new_bs)
+  m = np.float32(0.9)
+  hits = set()
+  for path in old:
+    if path[-1] != "var":
+      continue
+    bn = path[:-1]
+    old_mean, old_var = np.asarray(old[bn + ("mean",)]), np.asarray(
+        old[bn + ("var",)]
+    )
+    new_mean, new_var = np.asarray(new[bn + ("mean",)]), np.asarray(
+        new[bn + ("var",)]
+    )
+    if np.array_equal(new_mean, m * old_mean) and np.array_equal(
+        new_var, m * old_var
+    ):
+      hits.add("/".join(bn))
+  return hits
 
 
 def _set_kernel(params, kernel_path, value_fn):
-    flat = flatten_dict(params)
-    path = tuple(kernel_path.split("/"))
-    flat[path] = value_fn(flat[path])
-    return unflatten_dict(flat)
+  flat = flatten_dict(params)
+  path = tuple(kernel_path.split("/"))
+  flat[path] = value_fn(flat[path])
+  return unflatten_dict(flat)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet50"])
 def test_bn_pairs_structural(name):
-    model, _, train, _ = _tiny(name)  # shares compilations with test_init_apply_train_and_eval
-    x, variables = _tiny_init(name, (32, 32, 3))
-    params, batch_stats = variables["params"], variables["batch_stats"]
+  model, _, train, _ = _tiny(
+      name
+  )  # shares compilations with test_init_apply_train_and_eval
+  x, variables = _tiny_init(name, (32, 32, 3))
+  params, batch_stats = variables["params"], variables["batch_stats"]
 
-    # Random BN scale/bias and running stats: a zero batch then becomes a
-    # (non-zero) constant after the BN, so downstream BNs do not see zeros,
-    # and "0.9 * old" is a non-trivial target.
-    rng = np.random.default_rng(0)
-    params = _randomize(params, lambda a: a + 0.5 * rng.standard_normal(a.shape) if a.ndim == 1 else a)
-    batch_stats = _randomize(batch_stats, lambda a: rng.uniform(0.5, 2.0, a.shape))
+  # Random BN scale/bias and running stats: a zero batch then becomes a
+  # (non-zero) constant after the BN, so downstream BNs do not see zeros,
+  # and "0.9 * old" is a non-trivial target.
+  rng = np.random.default_rng(0)
+  params = _randomize(
+      params,
+      lambda a: a + 0.5 * rng.standard_normal(a.shape) if a.ndim == 1 else a,
+  )
+  batch_stats = _randomize(
+      batch_stats, lambda a: rng.uniform(0.5, 2.0, a.shape)
+  )
 
-    pairs = bn_pairs(model, x, train=True)
-    flat_params = flatten_dict(params)
-    kernels = {"/".join(p) for p in flat_params if p[-1] == "kernel"}
-    bns = {"/".join(p[:-1]) for p in flatten_dict(batch_stats) if p[-1] == "var"}
-    # Covers every kernel; only the classifier is unpaired; every BN used once.
-    assert set(pairs) == kernels
-    assert [k for k, v in pairs.items() if v is None] == ["head/kernel"]
-    paired_bns = [v for v in pairs.values() if v is not None]
-    assert sorted(paired_bns) == sorted(bns)
-    flat_bs = flatten_dict(batch_stats)
-    for k, b in pairs.items():
-        if b is not None:
-            n_out = flat_params[tuple(k.split("/"))].shape[-1]
-            assert flat_bs[tuple(b.split("/")) + ("var",)].shape == (n_out,)
-    # Pairing does not depend on train/eval mode or computation dtype.
-    assert bn_pairs(model, x, train=False) == pairs
-    assert bn_pairs(TINY[name](num_classes=NUM_CLASSES, dtype=jnp.bfloat16), x, train=True) == pairs
+  pairs = bn_pairs(model, x, train=True)
+  flat_params = flatten_dict(params)
+  kernels = {"/".join(p) for p in flat_params if p[-1] == "kernel"}
+  bns = {"/".join(p[:-1]) for p in flatten_dict(batch_stats) if p[-1] == "var"}
+  # Covers every kernel; only the classifier is unpaired; every BN used once.
+  assert set(pairs) == kernels
+  assert [k for k, v in pairs.items() if v is None] == ["head/kernel"]
+  paired_bns = [v for v in pairs.values() if v is not None]
+  assert sorted(paired_bns) == sorted(bns)
+  flat_bs = flatten_dict(batch_stats)
+  for k, b in pairs.items():
+    if b is not None:
+      n_out = flat_params[tuple(k.split("/"))].shape[-1]
+      assert flat_bs[tuple(b.split("/")) + ("var",)].shape == (n_out,)
+  # Pairing does not depend on train/eval mode or computation dtype.
+  assert bn_pairs(model, x, train=False) == pairs
+  assert (
+      bn_pairs(
+          TINY[name](num_classes=NUM_CLASSES, dtype=jnp.bfloat16), x, train=True
+      )
+      == pairs
+  )
 
-    def updated_stats(params):
-        _, upd = train({"params": params, "batch_stats": batch_stats}, x)
-        return upd["batch_stats"]
+  def updated_stats(params):
+    _, upd = train({"params": params, "batch_stats": batch_stats}, x)
+    return upd["batch_stats"]
 
-    # Sanity: with the real kernels no BN sees an all-zero batch.
-    assert _zero_batch_bns(batch_stats, updated_stats(params)) == set()
-    # Zeroing a kernel makes exactly its paired BN (and no other) see a zero batch.
-    for kernel in sorted(kernels):
-        zeroed = _set_kernel(params, kernel, jnp.zeros_like)
-        hits = _zero_batch_bns(batch_stats, updated_stats(zeroed))
-        expected = set() if pairs[kernel] is None else {pairs[kernel]}
-        assert hits == expected, (kernel, pairs[kernel], hits)
+  # Sanity: with the real kernels no BN sees an all-zero batch.
+  assert _zero_batch_bns(batch_stats, updated_stats(params)) == set()
+  # Zeroing a kernel makes exactly its paired BN (and no other) see a zero batch.
+  for kernel in sorted(kernels):
+    zeroed = _set_kernel(params, kernel, jnp.zeros_like)
+    hits = _zero_batch_bns(batch_stats, updated_stats(zeroed))
+    expected = set() if pairs[kernel] is None else {pairs[kernel]}
+    assert hits == expected, (kernel, pairs[kernel], hits)
 
 
 def test_bn_pairs_resnet20_paths():
-    pairs = bn_pairs(ResNet20(), jnp.zeros((1, 32, 32, 3)))
-    assert len(pairs) == 22  # 19 convs + 2 projections + head
-    assert pairs["conv_init/kernel"] == "bn_init"
-    assert pairs["stage1_block0/conv1/kernel"] == "stage1_block0/bn1"
-    assert pairs["stage3_block0/proj_conv/kernel"] == "stage3_block0/proj_bn"
-    assert pairs["head/kernel"] is None
-    # Only shapes matter: abstract inputs, other sizes/channels give the same map.
-    assert bn_pairs(ResNet20(), jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.bfloat16), train=False) == pairs
+  pairs = bn_pairs(ResNet20(), jnp.zeros((1, 32, 32, 3)))
+  assert len(pairs) == 22  # 19 convs + 2 projections + head
+  assert pairs["conv_init/kernel"] == "bn_init"
+  assert pairs["stage1_block0/conv1/kernel"] == "stage1_block0/bn1"
+  assert pairs["stage3_block0/proj_conv/kernel"] == "stage3_block0/proj_bn"
+  assert pairs["head/kernel"] is None
+  # Only shapes matter: abstract inputs, other sizes/channels give the same map.
+  assert (
+      bn_pairs(
+          ResNet20(),
+          jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.bfloat16),
+          train=False,
+      )
+      == pairs
+  )
 
 
 # ---------------------------------------------------------------------------
-# 3. bn_pairs on hand-made models
-# ---------------------------------------------------------------------------
-
-
-class _ConvBnDense(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool = True):
-        x = nn.Conv(8, (3, 3))(x)
-        x = nn.BatchNorm(use_running_average=not train)(x)
-        x = nn.relu(x)
-        x = x.reshape((x.shape[0], -1))
-        x = nn.Dense(6)(x)
-        x = nn.BatchNorm(use_running_average=not train)(x)
-        return nn.Dense(3)(x)
-
-
-def test_bn_pairs_hand_made_model():
-    pairs = bn_pairs(_ConvBnDense(), jnp.zeros((2, 5, 5, 2)), train=True)
-    assert pairs == {"Conv_0/kernel": "BatchNorm_0", "Dense_0/kernel": "BatchNorm_1", "Dense_1/kernel": None}
-
-
-class _Crossed(nn.Module):
-    """Misleading names, setup-style submodules, crossed wiring."""
-
-    def setup(self):
-        self.bn_a = nn.Dense(5)
-        self.conv_b = nn.BatchNorm(use_running_average=False)
-        self.dense_c = nn.Dense(5)
-        self.bn_c = nn.BatchNorm(use_running_average=False)
-        self.pre_act = nn.Dense(5)
-        self.bn_d = nn.BatchNorm(use_running_average=False)
-
-    def __call__(self, x):
-        h1, h2 = self.bn_a(x), self.dense_c(x)
-        h3 = self.bn_d(nn.relu(self.pre_act(x)))  # activation in between -> unpaired
-        return self.bn_c(h1) + self.conv_b(h2) + h3
-
-
-def test_bn_pairs_does_not_use_names():
-    pairs = bn_pairs(_Crossed(), jnp.zeros((2, 4)))
-    assert pairs == {"bn_a/kernel": "bn_c", "dense_c/kernel": "conv_b", "pre_act/kernel": None}
-
-
-class _BnOnBatchAxis(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.BatchNorm(use_running_average=False, axis=0)(nn.Dense(5)(x))
-
-
-class _TwoBns(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = nn.Dense(5)(x)
-        return nn.BatchNorm(use_running_average=False)(h) + nn.BatchNorm(use_running_average=False)(h)
-
-
-def test_bn_pairs_errors():
-    with pytest.raises(ValueError, match="Dense_0/kernel"):
-        bn_pairs(_BnOnBatchAxis(), jnp.zeros((2, 4)))  # BN features (2,) != 5 neurons
-    with pytest.raises(ValueError, match="ambiguous"):
-        bn_pairs(_TwoBns(), jnp.zeros((2, 4)))
-
-
-# ---------------------------------------------------------------------------
-# 4. registry
+# 3. registry
 # ---------------------------------------------------------------------------
 
 
 def test_get_model():
-    assert set(MODELS) == {"resnet20", "resnet32", "resnet56", "resnet18", "resnet50"}
-    m = get_model("resnet20", num_classes=100, num_filters=4)
-    assert isinstance(m, CifarResNet) and m.num_classes == 100 and tuple(m.stage_sizes) == (3, 3, 3)
-    assert m.block_cls is BasicBlock
-    m = get_model("ResNet-50")
-    assert isinstance(m, ResNet) and tuple(m.stage_sizes) == (3, 4, 6, 3) and m.block_cls is BottleneckBlock
-    assert tuple(get_model("resnet56").stage_sizes) == (9, 9, 9)
-    with pytest.raises(ValueError, match="resnet_999") as exc:
-        get_model("resnet_999")
-    assert "resnet20" in str(exc.value)
+  assert set(MODELS) == {
+      "resnet20",
+      "resnet32",
+      "resnet56",
+      "resnet18",
+      "resnet50",
+  }
+  m = get_model("resnet20", num_classes=100, num_filters=4)
+  assert (
+      isinstance(m, CifarResNet)
+      and m.num_classes == 100
+      and tuple(m.stage_sizes) == (3, 3, 3)
+  )
+  assert m.block_cls is BasicBlock
+  m = get_model("ResNet-50")
+  assert (
+      isinstance(m, ResNet)
+      and tuple(m.stage_sizes) == (3, 4, 6, 3)
+      and m.block_cls is BottleneckBlock
+  )
+  assert tuple(get_model("resnet56").stage_sizes) == (9, 9, 9)
+  with pytest.raises(ValueError, match="resnet_999") as exc:
+    get_model("resnet_999")
+  assert "resnet20" in str(exc.value)

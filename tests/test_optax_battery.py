@@ -1,5 +1,6 @@
 """optax's generic optimizer checks, run on chain(sparseopt(...), inner) over a table of
-inner optimizers, as optax runs them on its own (alias_test, _conditionality_test)."""
+inner optimizers, as optax runs them on its own (alias_test, _conditionality_test).
+"""
 
 import chex
 import jax
@@ -24,28 +25,40 @@ INNER = {
 # The default run takes three representative inner optimizers; the whole table is
 # marked slow (`pytest -m slow`), to keep the default run near its time budget.
 FAST = ("sgd_momentum", "adamw", "lion")
-TABLE = [name if name in FAST else pytest.param(name, marks=pytest.mark.slow)
-         for name in sorted(INNER)]
+TABLE = [
+    name if name in FAST else pytest.param(name, marks=pytest.mark.slow)
+    for name in sorted(INNER)
+]
 
 
 def _sparse(inner, lr=0.05):
-  return optax.chain(so.sparseopt(0.5, distribution="uniform", update_every=2, end_step=20,
-                                  seed=1), INNER[inner](lr))
+  return optax.chain(
+      so.sparseopt(
+          0.5, distribution="uniform", update_every=2, end_step=20, seed=1
+      ),
+      INNER[inner](lr),
+  )
 
 
 def _params(dtype=jnp.float32):
-  return {"w": (jnp.arange(48).reshape(8, 6) / 48 - 0.4).astype(dtype),
-          "b": jnp.linspace(-1, 1, 6).astype(dtype)}
+  return {
+      "w": (jnp.arange(48).reshape(8, 6) / 48 - 0.4).astype(dtype),
+      "b": jnp.linspace(-1, 1, 6).astype(dtype),
+  }
 
 
 def _grads(params, i):
-  return jax.tree.map(lambda x: jnp.cos(x * (i + 1) + 0.3).astype(x.dtype), params)
+  return jax.tree.map(
+      lambda x: jnp.cos(x * (i + 1) + 0.3).astype(x.dtype), params
+  )
 
 
 def _run(tx, params, steps=5, **extra):
   state = tx.init(params)
   params = so.apply_masks(params, state)
-  step = jax.jit(lambda p, s, g: so.apply_updates(p, *tx.update(g, s, p, **extra)))
+  step = jax.jit(
+      lambda p, s, g: so.apply_updates(p, *tx.update(g, s, p, **extra))
+  )
   for i in range(steps):
     params, state = step(params, state, _grads(params, i))
   return params, state
@@ -83,13 +96,16 @@ def test_updates_and_state_keep_their_dtypes(inner, dtype):
 
 @pytest.mark.parametrize("inner", TABLE)
 def test_inject_hyperparams_around_the_whole_chain(inner):
-  tx = optax.inject_hyperparams(lambda learning_rate: _sparse(inner, learning_rate))(
-      learning_rate=0.05)
+  tx = optax.inject_hyperparams(
+      lambda learning_rate: _sparse(inner, learning_rate)
+  )(learning_rate=0.05)
   p, s = _run(tx, _params())
   _no_drift(p, s)
   p_plain, _ = _run(_sparse(inner), _params())
   chex.assert_trees_all_close(p, p_plain, rtol=1e-5, atol=1e-6)
-  s.hyperparams["learning_rate"] = jnp.asarray(0.0)  # the injected value is the one used
+  s.hyperparams["learning_rate"] = jnp.asarray(
+      0.0
+  )  # the injected value is the one used
   p_frozen, _ = so.apply_updates(p, *tx.update(_grads(p, 9), s, p))
   chex.assert_trees_all_equal(p_frozen, p)
 
@@ -105,9 +121,13 @@ def test_gradient_accumulation_equals_the_mean_gradient(inner):
   for step in range(4):
     micro = [_grads(p_plain, 10 * step + i) for i in range(k)]
     for g in micro:
-      p_acc, s_acc = so.apply_updates(p_acc, *accumulated.update(g, s_acc, p_acc))
+      p_acc, s_acc = so.apply_updates(
+          p_acc, *accumulated.update(g, s_acc, p_acc)
+      )
     mean = jax.tree.map(lambda *g: sum(g) / k, *micro)
-    p_plain, s_plain = so.apply_updates(p_plain, *plain.update(mean, s_plain, p_plain))
+    p_plain, s_plain = so.apply_updates(
+        p_plain, *plain.update(mean, s_plain, p_plain)
+    )
   chex.assert_trees_all_close(p_acc, p_plain, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_equal(so.get_masks(s_acc), so.get_masks(s_plain))
   _no_drift(p_acc, s_acc)
@@ -116,9 +136,13 @@ def test_gradient_accumulation_equals_the_mean_gradient(inner):
 @pytest.mark.parametrize("inner", TABLE)
 def test_apply_if_finite_skips_a_nan_step_whole(inner):
   tx = optax.apply_if_finite(_sparse(inner), max_consecutive_errors=3)
-  params, state = _run(tx, _params(), steps=3)  # the next step (3) is not an update step
+  params, state = _run(
+      tx, _params(), steps=3
+  )  # the next step (3) is not an update step
   bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), _grads(params, 7))
-  p, s = jax.jit(lambda p, s, g: so.apply_updates(p, *tx.update(g, s, p)))(params, state, bad)
+  p, s = jax.jit(lambda p, s, g: so.apply_updates(p, *tx.update(g, s, p)))(
+      params, state, bad
+  )
   chex.assert_trees_all_equal(p, params)
   chex.assert_trees_all_equal(so.get_masks(s), so.get_masks(state))
   assert int(s.notfinite_count) == 1
@@ -137,5 +161,10 @@ def test_a_bare_parabola_minimises_as_with_the_inner_optimizer_alone(inner):
       x = optax.apply_updates(x, updates)
     results.append(x)
   chex.assert_trees_all_equal(results[0], results[1])
-  if inner in ("sgd", "sgd_momentum", "adam", "adamw"):  # converge at this rate and budget
+  if inner in (
+      "sgd",
+      "sgd_momentum",
+      "adam",
+      "adamw",
+  ):  # converge at this rate and budget
     np.testing.assert_allclose(results[0], target, atol=5e-2)

@@ -16,29 +16,46 @@ UPDATE_EVERY, END_STEP = 4, 30
 
 def _params():
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
-  return {"conv": {"kernel": jax.random.normal(keys[0], (3, 3, 4, 8)), "bias": jnp.zeros(8)},
-          "dense": {"kernel": jax.random.normal(keys[1], (8, 6))}}
+  return {
+      "conv": {
+          "kernel": jax.random.normal(keys[0], (3, 3, 4, 8)),
+          "bias": jnp.zeros(8),
+      },
+      "dense": {"kernel": jax.random.normal(keys[1], (8, 6))},
+  }
 
 
 def _grads(params, i):
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(100 + i), len(leaves))
-  return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  return jax.tree.unflatten(
+      treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+  )
 
 
 INNER = {
     "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
     "adamw": lambda: optax.adamw(1e-2, weight_decay=1e-2),
     "lion": lambda: optax.lion(1e-3),
-    "inject_hyperparams": lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=0.05,
-                                                                      momentum=0.9),
+    "inject_hyperparams": lambda: optax.inject_hyperparams(optax.sgd)(
+        learning_rate=0.05, momentum=0.9
+    ),
 }
 
 
 def _sparseopt(inner, topology="rigl", **kw):
-  return optax.chain(so.sparseopt(0.75, distribution="uniform", topology=topology,
-                                  update_every=UPDATE_EVERY, end_step=END_STEP, seed=3, **kw),
-                     INNER[inner]())
+  return optax.chain(
+      so.sparseopt(
+          0.75,
+          distribution="uniform",
+          topology=topology,
+          update_every=UPDATE_EVERY,
+          end_step=END_STEP,
+          seed=3,
+          **kw,
+      ),
+      INNER[inner](),
+  )
 
 
 def _step_fn(tx):
@@ -46,6 +63,7 @@ def _step_fn(tx):
   def step(params, state, grads, mask_update):
     updates, state = tx.update(grads, state, params, mask_update=mask_update)
     return so.apply_updates(params, updates, state, mask_update=mask_update)
+
   return step
 
 
@@ -55,21 +73,30 @@ def _run(tx, steps, host_scheduled):
   params = so.apply_masks(params, state)
   step = _step_fn(tx)
   for i in range(steps):
-    flag = (so.is_mask_update_step(i, update_every=UPDATE_EVERY, end_step=END_STEP)
-            if host_scheduled else None)
+    flag = (
+        so.is_mask_update_step(i, update_every=UPDATE_EVERY, end_step=END_STEP)
+        if host_scheduled
+        else None
+    )
     params, state = step(params, state, _grads(params, i), flag)
   return params, state
 
 
 def _pruned_state_entries(state):
   """Non-zero optimizer-state entries at pruned positions, over params-shaped float leaves."""
-  masks = {so.tree.path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(
-      so.get_masks(state))}
+  masks = {
+      so.tree.path_str(p): m
+      for p, m in jax.tree_util.tree_leaves_with_path(so.get_masks(state))
+  }
   bad = checked = 0
   for p, x in jax.tree_util.tree_leaves_with_path(state):
     path = so.tree.path_str(p)
     for suffix, m in masks.items():
-      if path.endswith(suffix) and x.shape == m.shape and jnp.issubdtype(x.dtype, jnp.floating):
+      if (
+          path.endswith(suffix)
+          and x.shape == m.shape
+          and jnp.issubdtype(x.dtype, jnp.floating)
+      ):
         bad += int(jnp.sum((x != 0) & ~m))
         checked += 1
   return bad, checked
@@ -82,12 +109,19 @@ def test_host_scheduled_variants_match_the_in_graph_schedule(inner):
   p_host, s_host = _run(tx, 2 * END_STEP // 3, host_scheduled=True)
   chex.assert_trees_all_equal(so.get_masks(s_graph), so.get_masks(s_host))
   chex.assert_trees_all_close(p_graph, p_host, rtol=1e-6, atol=1e-7)
-  assert not jax.tree.all(jax.tree.map(jnp.array_equal, so.get_masks(s_host),
-                                       so.get_masks(tx.init(_params()))))
+  assert not jax.tree.all(
+      jax.tree.map(
+          jnp.array_equal,
+          so.get_masks(s_host),
+          so.get_masks(tx.init(_params())),
+      )
+  )
 
 
 @pytest.mark.parametrize("inner", sorted(INNER) + ["multi_steps"])
-def test_state_stays_zero_at_pruned_weights_without_remask_on_ordinary_steps(inner):
+def test_state_stays_zero_at_pruned_weights_without_remask_on_ordinary_steps(
+    inner,
+):
   """The rule apply_updates relies on: masked gradients keep pruned moments at exactly 0,
   so the optimizer state needs re-masking only on a mask-update step."""
   if inner == "multi_steps":
@@ -103,15 +137,23 @@ def test_state_stays_zero_at_pruned_weights_without_remask_on_ordinary_steps(inn
   for i in range(24):
     masks = so.get_masks(state)
     params, state = step(params, state, _grads(params, i), None)
-    changed += not jax.tree.all(jax.tree.map(jnp.array_equal, masks, so.get_masks(state)))
+    changed += not jax.tree.all(
+        jax.tree.map(jnp.array_equal, masks, so.get_masks(state))
+    )
     # MultiSteps' acc_grads accumulate the raw gradient (RigL's grow criterion reads
     # it at pruned positions): the moments are those of its inner state.
     bad, checked = _pruned_state_entries(
-        state.inner_opt_state if inner == "multi_steps" else state)
+        state.inner_opt_state if inner == "multi_steps" else state
+    )
     assert bad == 0 and checked >= 1, (i, bad, checked)
-    assert not any(bool(jnp.any((x != 0) & ~m)) for x, m in zip(
-        jax.tree.leaves(params), jax.tree.leaves(so.get_masks(state), is_leaf=so.tree.is_none))
-                   if m is not None)
+    assert not any(
+        bool(jnp.any((x != 0) & ~m))
+        for x, m in zip(
+            jax.tree.leaves(params),
+            jax.tree.leaves(so.get_masks(state), is_leaf=so.tree.is_none),
+        )
+        if m is not None
+    )
   assert changed >= 2
 
 
@@ -119,10 +161,22 @@ def test_ordinary_variant_holds_no_conditional_and_no_selection():
   tx = _sparseopt("sgd_momentum")
   params = _params()
   state = tx.init(params)
-  hlo = {flag: jax.jit(lambda p, s, g, flag=flag: so.apply_updates(
-      p, *tx.update(g, s, p, mask_update=flag), mask_update=flag)).lower(
-          params, state, params).compile().as_text() for flag in (False, True, None)}
-  for text in hlo.values():  # the update's selection is there iff its code is compiled
+  hlo = {
+      flag: (
+          jax.jit(
+              lambda p, s, g, flag=flag: so.apply_updates(
+                  p, *tx.update(g, s, p, mask_update=flag), mask_update=flag
+              )
+          )
+          .lower(params, state, params)
+          .compile()
+          .as_text()
+      )
+      for flag in (False, True, None)
+  }
+  for (
+      text
+  ) in hlo.values():  # the update's selection is there iff its code is compiled
     assert "conditional(" in text or text is hlo[False]
   assert "conditional(" not in hlo[False] and "sort(" not in hlo[False]
   assert "sort(" in hlo[True] and "sort(" in hlo[None]
@@ -151,12 +205,20 @@ def test_mask_update_must_be_a_python_bool():
 def _tie_drop(seed):
   """Masks after one RigL update where every active |w| and every |g| ties."""
   params = {"w": jnp.ones((64, 8))}
-  tx = so.topology_update("rigl", sparsity=0.5, update_every=1, end_step=10, seed=seed,
-                          drop_fraction=0.25)
+  tx = so.topology_update(
+      "rigl",
+      sparsity=0.5,
+      update_every=1,
+      end_step=10,
+      seed=seed,
+      drop_fraction=0.25,
+  )
   state = tx.init(params)
   params = so.apply_masks(params, state)
   before = state.masks["w"]
-  _, state = tx.update({"w": jnp.ones((64, 8))}, state._replace(step=jnp.int32(1)), params)
+  _, state = tx.update(
+      {"w": jnp.ones((64, 8))}, state._replace(step=jnp.int32(1)), params
+  )
   return before, state.masks["w"]
 
 
@@ -168,8 +230,8 @@ def test_ties_are_broken_by_the_seed_not_by_index(seed):
   # k = floor(0.25 / 2 * (1 + cos(pi / 10)) * 256) = 62 dropped, some of them regrown.
   assert 0 < len(dropped) <= 62
   # Not the first (or last) active weights in index order.
-  assert not np.array_equal(dropped, active[:len(dropped)])
-  assert not np.array_equal(dropped, active[-len(dropped):])
+  assert not np.array_equal(dropped, active[: len(dropped)])
+  assert not np.array_equal(dropped, active[-len(dropped) :])
   # The same for one seed, different across seeds.
   np.testing.assert_array_equal(after, _tie_drop(seed)[1])
   assert not np.array_equal(after, _tie_drop(seed + 7)[1])
@@ -179,19 +241,28 @@ def test_ties_are_broken_by_the_seed_not_by_index(seed):
 def _update_step_masks(grads, params=None, wrap=lambda tx: tx):
   """Masks before and after one mask-update step of chain(sparseopt, sgd) on ``grads``."""
   params = _params() if params is None else params
-  tx = wrap(optax.chain(so.sparseopt(0.75, distribution="uniform", update_every=1, end_step=10,
-                                     seed=0), optax.sgd(0.1, momentum=0.9)))
+  tx = wrap(
+      optax.chain(
+          so.sparseopt(
+              0.75, distribution="uniform", update_every=1, end_step=10, seed=0
+          ),
+          optax.sgd(0.1, momentum=0.9),
+      )
+  )
   state = tx.init(params)
   params = so.apply_masks(params, state)
   before = so.get_masks(state)
   step = jax.jit(lambda p, s, g: so.apply_updates(p, *tx.update(g, s, p)))
   params, state = step(params, state, _grads(params, 0))  # step 0: ordinary
-  params, state = step(params, state, grads)                 # step 1: mask update
+  params, state = step(params, state, grads)  # step 1: mask update
   return before, so.get_masks(state)
 
 
 def _changed(a, b):
-  return sum(int(jnp.sum(x != y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return sum(
+      int(jnp.sum(x != y))
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -199,7 +270,9 @@ def _changed(a, b):
 def test_non_finite_gradients_never_drive_drop_or_growth(bad, where):
   grads = _grads(_params(), 1)
   clean_before, clean_after = _update_step_masks(grads)
-  assert _changed(clean_before, clean_after) > 0  # the same step moves masks when finite
+  assert (
+      _changed(clean_before, clean_after) > 0
+  )  # the same step moves masks when finite
   if where == "sparse_kernel":
     grads["conv"]["kernel"] = grads["conv"]["kernel"].at[0, 0, 0, 3].set(bad)
   else:
@@ -217,8 +290,10 @@ def test_a_step_apply_if_finite_skips_leaves_the_masks_untouched(placement):
     before, after = _update_step_masks(grads, wrap=wrap)
   else:
     params = _params()
-    tx = optax.chain(so.sparseopt(0.75, distribution="uniform", update_every=1, end_step=10),
-                     optax.apply_if_finite(optax.sgd(0.1, momentum=0.9), 5))
+    tx = optax.chain(
+        so.sparseopt(0.75, distribution="uniform", update_every=1, end_step=10),
+        optax.apply_if_finite(optax.sgd(0.1, momentum=0.9), 5),
+    )
     state = tx.init(params)
     params = so.apply_masks(params, state)
     before = so.get_masks(state)
@@ -229,21 +304,40 @@ def test_a_step_apply_if_finite_skips_leaves_the_masks_untouched(placement):
   chex.assert_trees_all_equal(before, after)
 
 
-@pytest.mark.parametrize("params", [jnp.ones(5), jnp.ones((4, 6)), {"bias": jnp.zeros(3)}],
-                         ids=["vector", "matrix", "dict_of_vectors"])
+@pytest.mark.parametrize(
+    "params",
+    [jnp.ones(5), jnp.ones((4, 6)), {"bias": jnp.zeros(3)}],
+    ids=["vector", "matrix", "dict_of_vectors"],
+)
 @pytest.mark.parametrize("inner", ["adam", "lion", "sgd"])
-def test_params_of_any_shape_work_with_all_dense_leaves_where_none_is_sparse(params, inner):
-  opt = {"adam": optax.adam(0.1), "lion": optax.lion(0.01), "sgd": optax.sgd(0.1)}[inner]
-  tx = optax.chain(so.sparseopt(0.5, distribution="uniform", update_every=2, end_step=10), opt)
+def test_params_of_any_shape_work_with_all_dense_leaves_where_none_is_sparse(
+    params, inner
+):
+  opt = {
+      "adam": optax.adam(0.1),
+      "lion": optax.lion(0.01),
+      "sgd": optax.sgd(0.1),
+  }[inner]
+  tx = optax.chain(
+      so.sparseopt(0.5, distribution="uniform", update_every=2, end_step=10),
+      opt,
+  )
   state = tx.init(params)
   params = so.apply_masks(params, state)
-  step = jax.jit(lambda p, s: so.apply_updates(p, *tx.update(jax.tree.map(jnp.ones_like, p), s, p)))
+  step = jax.jit(
+      lambda p, s: so.apply_updates(
+          p, *tx.update(jax.tree.map(jnp.ones_like, p), s, p)
+      )
+  )
   for _ in range(5):
     params, state = step(params, state)
   leaves = jax.tree.leaves(params)
   assert all(bool(jnp.all(x < 1.0)) for x in leaves)  # every leaf moved
-  sparse = [m for m in jax.tree.leaves(so.get_masks(state), is_leaf=so.tree.is_none)
-            if m is not None]
+  sparse = [
+      m
+      for m in jax.tree.leaves(so.get_masks(state), is_leaf=so.tree.is_none)
+      if m is not None
+  ]
   assert len(sparse) == (1 if jnp.ndim(leaves[0]) >= 2 else 0)
   # The topology stage's counter has a name of its own: tree_get finds optax's count alone.
   if inner in ("adam", "lion"):
@@ -256,8 +350,9 @@ def test_masks_are_the_same_eager_under_jit_and_abstractly():
   eager = tx.init(params)
   jitted = jax.jit(tx.init)(params)
   chex.assert_trees_all_equal(so.get_masks(eager), so.get_masks(jitted))
-  chex.assert_trees_all_equal(eager[0].topology.density_factors,
-                              jitted[0].topology.density_factors)
+  chex.assert_trees_all_equal(
+      eager[0].topology.density_factors, jitted[0].topology.density_factors
+  )
   shapes = jax.eval_shape(tx.init, params)
   chex.assert_trees_all_equal_shapes_and_dtypes(shapes, eager)
 
@@ -267,17 +362,31 @@ def test_float_masks_other_than_zero_and_one_are_refused():
   scores = {"w": jax.random.uniform(jax.random.PRNGKey(0), (4, 4))}
   with pytest.raises(ValueError, match="'w'.*other than 0 and 1"):
     so.sparseopt(0.9, masks=scores, topology="static")
-  ok = so.sparseopt(0.5, masks={"w": (scores["w"] > 0.5).astype(jnp.float32)}, topology="static")
+  ok = so.sparseopt(
+      0.5,
+      masks={"w": (scores["w"] > 0.5).astype(jnp.float32)},
+      topology="static",
+  )
   assert so.get_masks(ok.init(params))["w"].dtype == jnp.bool_
 
 
 def test_under_multi_steps_update_every_counts_optimizer_steps():
   """MultiSteps(k) calls the chain once per k micro-steps: the topology counts those calls,
-  so a mask update comes every update_every * k micro-steps (see update_every's docs)."""
+  so a mask update comes every update_every * k micro-steps (see update_every's docs).
+  """
   k, update_every = 2, 3
   tx = optax.MultiSteps(
-      optax.chain(so.sparseopt(0.75, distribution="uniform", update_every=update_every,
-                               end_step=20), optax.sgd(0.1, momentum=0.9)), every_k_schedule=k)
+      optax.chain(
+          so.sparseopt(
+              0.75,
+              distribution="uniform",
+              update_every=update_every,
+              end_step=20,
+          ),
+          optax.sgd(0.1, momentum=0.9),
+      ),
+      every_k_schedule=k,
+  )
   params = _params()
   state = tx.init(params)
   params = so.apply_masks(params, state)
@@ -286,7 +395,9 @@ def test_under_multi_steps_update_every_counts_optimizer_steps():
   for micro in range(1, 4 * update_every * k + 1):
     before = so.get_masks(state)
     params, state = step(params, state, _grads(params, micro))
-    if not jax.tree.all(jax.tree.map(jnp.array_equal, before, so.get_masks(state))):
+    if not jax.tree.all(
+        jax.tree.map(jnp.array_equal, before, so.get_masks(state))
+    ):
       changed_at.append(micro)
   # Optimizer step t (0-based) runs at micro-step (t + 1) * k; updates at t = 3, 6, 9.
   assert changed_at == [(t + 1) * k for t in (3, 6, 9)]

@@ -9,20 +9,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import SmallConvNet
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sparseopt_jax as so
-from conftest import SmallConvNet
 
 AUTO = jax.sharding.AxisType.Auto
 STEPS, UPDATE_EVERY, END_STEP = 20, 8, 18  # mask updates at steps 8 and 16
 
 
 def _tx():
-  return optax.chain(so.sparseopt(0.8, distribution="erk", update_every=UPDATE_EVERY,
-                                  end_step=END_STEP, seed=5),
-                     optax.sgd(0.05, momentum=0.9))
+  return optax.chain(
+      so.sparseopt(
+          0.8,
+          distribution="erk",
+          update_every=UPDATE_EVERY,
+          end_step=END_STEP,
+          seed=5,
+      ),
+      optax.sgd(0.05, momentum=0.9),
+  )
 
 
 def _setup():
@@ -35,26 +42,46 @@ def _setup():
 
 def _kernel_spec(path, leaf):
   """Every conv kernel's output axis over 'model'; everything else replicated."""
-  return P(None, None, None, "model") if path.startswith("Conv") and leaf.ndim == 4 else P()
+  return (
+      P(None, None, None, "model")
+      if path.startswith("Conv") and leaf.ndim == 4
+      else P()
+  )
 
 
 def _make_step(model, tx):
   def loss_fn(params, batch_stats, x, y):
-    logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                   train=True, mutable=["batch_stats"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_vars
+    logits, new_vars = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        x,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    return (
+        optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(),
+        new_vars,
+    )
 
   def step(params, batch_stats, opt_state, batch, mask_update):
-    (_, new_vars), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, *batch)
-    updates, opt_state = tx.update(grads, opt_state, params, mask_update=mask_update)
-    params, opt_state = so.apply_updates(params, updates, opt_state, mask_update=mask_update)
+    (_, new_vars), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch_stats, *batch
+    )
+    updates, opt_state = tx.update(
+        grads, opt_state, params, mask_update=mask_update
+    )
+    params, opt_state = so.apply_updates(
+        params, updates, opt_state, mask_update=mask_update
+    )
     return params, new_vars["batch_stats"], opt_state
+
   return step
 
 
 def _train(step, params, stats, opt_state, batch):
   for i in range(STEPS):
-    flag = so.is_mask_update_step(i, update_every=UPDATE_EVERY, end_step=END_STEP)
+    flag = so.is_mask_update_step(
+        i, update_every=UPDATE_EVERY, end_step=END_STEP
+    )
     params, stats, opt_state = step(params, stats, opt_state, batch, flag)
   return params, opt_state
 
@@ -66,19 +93,30 @@ def test_tree_map_params_derives_state_shardings_of_a_sparseopt_chain():
   params = variables["params"]
   replicated = NamedSharding(mesh, P())
   param_shardings = jax.tree_util.tree_map_with_path(
-      lambda p, x: NamedSharding(mesh, _kernel_spec(so.tree.path_str(p), x)), params)
+      lambda p, x: NamedSharding(mesh, _kernel_spec(so.tree.path_str(p), x)),
+      params,
+  )
   tx = _tx()
   shapes = jax.eval_shape(tx.init, params)
   ssh = optax.tree_utils.tree_map_params(
-      tx, lambda p, s: s, shapes, param_shardings,
+      tx,
+      lambda p, s: s,
+      shapes,
+      param_shardings,
       transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, NamedSharding))
+      is_leaf=lambda x: isinstance(x, NamedSharding),
+  )
   state = jax.jit(tx.init, out_shardings=ssh)(params)
   # The momentum follows the params; the packed exploration bits are not taken for params.
-  assert state[1][0].trace["Conv_1"]["kernel"].sharding == param_shardings["Conv_1"]["kernel"]
+  assert (
+      state[1][0].trace["Conv_1"]["kernel"].sharding
+      == param_shardings["Conv_1"]["kernel"]
+  )
   for bits in jax.tree.leaves(state[0].topology.ever_active):
     assert bits.sharding.is_fully_replicated
-  chex.assert_trees_all_equal(so.get_masks(state), so.get_masks(tx.init(params)))
+  chex.assert_trees_all_equal(
+      so.get_masks(state), so.get_masks(tx.init(params))
+  )
 
 
 def test_sharded_rigl_matches_the_unsharded_run():
@@ -89,32 +127,54 @@ def test_sharded_rigl_matches_the_unsharded_run():
 
   # Unsharded reference.
   state = tx.init(params)
-  ref_params, ref_state = _train(jax.jit(step, static_argnums=4),
-                                 so.apply_masks(params, state), stats, state, batch)
+  ref_params, ref_state = _train(
+      jax.jit(step, static_argnums=4),
+      so.apply_masks(params, state),
+      stats,
+      state,
+      batch,
+  )
 
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AUTO, AUTO))
   replicated = NamedSharding(mesh, P())
   param_sh = jax.tree_util.tree_map_with_path(
-      lambda p, x: NamedSharding(mesh, _kernel_spec(so.tree.path_str(p), x)), params)
+      lambda p, x: NamedSharding(mesh, _kernel_spec(so.tree.path_str(p), x)),
+      params,
+  )
   state_sh = so.state_shardings(tx, params, param_sh, replicated)
   state = jax.jit(tx.init, out_shardings=state_sh)(params)
   masks = so.get_masks(state)
   assert masks["Conv_1"]["kernel"].sharding == param_sh["Conv_1"]["kernel"]
   assert not masks["Conv_1"]["kernel"].sharding.is_fully_replicated
-  assert state[0].topology.density_factors["Conv_1"]["kernel"].sharding.spec == P("model")
+  assert state[0].topology.density_factors["Conv_1"][
+      "kernel"
+  ].sharding.spec == P("model")
   stats_sh = jax.tree.map(lambda _: replicated, stats)
   batch_sh = (NamedSharding(mesh, P("data")), NamedSharding(mesh, P("data")))
-  sharded_step = jax.jit(step, static_argnums=4,
-                         in_shardings=(param_sh, stats_sh, state_sh, batch_sh),
-                         out_shardings=(param_sh, stats_sh, state_sh))
+  sharded_step = jax.jit(
+      step,
+      static_argnums=4,
+      in_shardings=(param_sh, stats_sh, state_sh, batch_sh),
+      out_shardings=(param_sh, stats_sh, state_sh),
+  )
   params_s = jax.device_put(so.apply_masks(params, state), param_sh)
-  out_params, out_state = _train(sharded_step, params_s, jax.device_put(stats, stats_sh),
-                                 state, jax.device_put(batch, batch_sh))
+  out_params, out_state = _train(
+      sharded_step,
+      params_s,
+      jax.device_put(stats, stats_sh),
+      state,
+      jax.device_put(batch, batch_sh),
+  )
 
   assert out_params["Conv_1"]["kernel"].sharding == param_sh["Conv_1"]["kernel"]
   chex.assert_trees_all_equal(so.get_masks(out_state), so.get_masks(ref_state))
-  assert not jax.tree.all(jax.tree.map(jnp.array_equal, so.get_masks(out_state),
-                                       so.get_masks(tx.init(params))))
+  assert not jax.tree.all(
+      jax.tree.map(
+          jnp.array_equal,
+          so.get_masks(out_state),
+          so.get_masks(tx.init(params)),
+      )
+  )
   # Float32 rounding only: the sharded reductions sum in another order.
   chex.assert_trees_all_close(out_params, ref_params, rtol=1e-4, atol=1e-5)
 
@@ -123,18 +183,36 @@ def test_sharded_rigl_matches_the_unsharded_run():
   def opt_part(params, opt_state, grads):
     updates, opt_state = tx.update(grads, opt_state, params, mask_update=False)
     return so.apply_updates(params, updates, opt_state, mask_update=False)
-  hlo = jax.jit(opt_part, in_shardings=(param_sh, state_sh, param_sh),
-                out_shardings=(param_sh, state_sh)).lower(
-                    params_s, out_state, params_s).compile().as_text()
+
+  hlo = (
+      jax.jit(
+          opt_part,
+          in_shardings=(param_sh, state_sh, param_sh),
+          out_shardings=(param_sh, state_sh),
+      )
+      .lower(params_s, out_state, params_s)
+      .compile()
+      .as_text()
+  )
   assert "all-gather" not in hlo and "all-reduce" not in hlo
 
 
 @pytest.mark.parametrize("topology", ["rigl", "set"])
 def test_explicitly_sharded_params_update_their_masks(topology):
-  mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Explicit,))
+  mesh = jax.make_mesh(
+      (8,), ("model",), axis_types=(jax.sharding.AxisType.Explicit,)
+  )
   params = {"w": jax.random.normal(jax.random.PRNGKey(0), (12, 16))}
-  tx = optax.chain(so.sparseopt(0.75, distribution="uniform", topology=topology,
-                                update_every=1, end_step=10), optax.sgd(0.1, momentum=0.9))
+  tx = optax.chain(
+      so.sparseopt(
+          0.75,
+          distribution="uniform",
+          topology=topology,
+          update_every=1,
+          end_step=10,
+      ),
+      optax.sgd(0.1, momentum=0.9),
+  )
   state = tx.init(params)
   params = so.apply_masks(params, state)
   grads = {"w": jax.random.normal(jax.random.PRNGKey(1), (12, 16))}
@@ -145,7 +223,12 @@ def test_explicitly_sharded_params_update_their_masks(topology):
       if explicit:
         sh = NamedSharding(mesh, P(None, "model"))
         p, g = jax.device_put(p, sh), jax.device_put(g, sh)
-        s = jax.tree.map(lambda x: jax.device_put(x, sh) if x.shape == (12, 16) else x, s)
+        s = jax.tree.map(
+            lambda x, sh=sh: jax.device_put(x, sh)
+            if x.shape == (12, 16)
+            else x,
+            s,
+        )
       step = jax.jit(functools.partial(_opt_step, tx))
       for _ in range(3):
         p, s = step(p, s, g)

@@ -16,7 +16,9 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.Conv(self.features, (3, 3), use_bias=False)(x)
-    return nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)(x)
+    return nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)(
+        x
+    )
 
 
 def _varied_density_mask(shape, seed, low=0.05, high=1.0):
@@ -36,14 +38,21 @@ def conv_bn_grads():
   x = jax.random.normal(jax.random.PRNGKey(0), (64, 8, 8, 16))
   variables = model.init(jax.random.PRNGKey(1), x)
   params = variables["params"]
-  masks = {"Conv_0": {"kernel": _varied_density_mask(params["Conv_0"]["kernel"].shape, 0)},
-           "BatchNorm_0": {"scale": None, "bias": None}}
+  masks = {
+      "Conv_0": {
+          "kernel": _varied_density_mask(params["Conv_0"]["kernel"].shape, 0)
+      },
+      "BatchNorm_0": {"scale": None, "bias": None},
+  }
   params = so.apply_masks(params, masks)
   target = jax.random.normal(jax.random.PRNGKey(2), (64, 8, 8, 128))
 
   def loss(p):
-    y, _ = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x,
-                       mutable=["batch_stats"])
+    y, _ = model.apply(
+        {"params": p, "batch_stats": variables["batch_stats"]},
+        x,
+        mutable=["batch_stats"],
+    )
     return jnp.mean(jnp.square(nn.relu(y) - target))
 
   return params, masks, jax.jit(jax.grad(loss))(params)
@@ -65,8 +74,9 @@ def test_slope_is_flat_without_batchnorm():
   x = jax.random.normal(jax.random.PRNGKey(1), (64, 8, 8, 16))
 
   def loss(k):
-    y = jax.lax.conv_general_dilated(x, k * mask, (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+        x, k * mask, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     return jnp.mean(jnp.square(y - 1.0))
 
   slope = float(so.skew_slope({"k": jax.grad(loss)(k)}, {"k": mask})["k"])
@@ -77,11 +87,14 @@ def test_density_factor_is_zero_for_empty_neurons_never_nan():
   d = jnp.array([0.0, 0.25, 0.5, 0.0])
   c = so.skew.density_factors(d)
   assert not jnp.any(jnp.isnan(c))
-  np.testing.assert_allclose(c, [0, np.sqrt(0.25 / 0.1875), np.sqrt(0.5 / 0.1875), 0], rtol=1e-6)
+  np.testing.assert_allclose(
+      c, [0, np.sqrt(0.25 / 0.1875), np.sqrt(0.5 / 0.1875), 0], rtol=1e-6
+  )
   assert jnp.all(so.skew.density_factors(jnp.zeros(4)) == 0)
 
 
 class ConvBNDense(nn.Module):
+
   @nn.compact
   def __call__(self, x, train=True):
     x = nn.Conv(8, (3, 3), use_bias=False)(x)
@@ -104,28 +117,48 @@ def test_bn_mode_reads_running_variance_and_falls_back_to_density():
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
   out, _ = jax.jit(lambda g, s, p, b: tx.update(g, s, p, batch_stats=b))(
-      grads, state, params, batch_stats)
+      grads, state, params, batch_stats
+  )
   v = np.asarray(var) + 1e-5
-  np.testing.assert_allclose(out["Conv_0"]["kernel"][0, 0, 0], np.sqrt(v / v.mean()), rtol=1e-5)
+  np.testing.assert_allclose(
+      out["Conv_0"]["kernel"][0, 0, 0], np.sqrt(v / v.mean()), rtol=1e-5
+  )
   d = np.asarray(masks["Dense_0"]["kernel"].mean(axis=0))
-  np.testing.assert_allclose(out["Dense_0"]["kernel"][0], np.sqrt(d / d.mean()), rtol=1e-5)
-  np.testing.assert_array_equal(out["Dense_0"]["bias"], grads["Dense_0"]["bias"])
+  np.testing.assert_allclose(
+      out["Dense_0"]["kernel"][0], np.sqrt(d / d.mean()), rtol=1e-5
+  )
+  np.testing.assert_array_equal(
+      out["Dense_0"]["bias"], grads["Dense_0"]["bias"]
+  )
 
 
 def test_bn_mode_floors_dead_channels():
   params = {"k": jnp.ones((4, 3))}
-  tx = so.skew_correct("bn", masks={"k": jnp.ones((4, 3), bool)}, bn_pairs={"k": "bn"},
-                       bn_floor=0.2)
-  out, _ = tx.update({"k": jnp.ones((4, 3))}, tx.init(params), params,
-                     batch_stats={"bn": {"var": jnp.array([0.0, 1.0, 2.0])}})
+  tx = so.skew_correct(
+      "bn",
+      masks={"k": jnp.ones((4, 3), bool)},
+      bn_pairs={"k": "bn"},
+      bn_floor=0.2,
+  )
+  out, _ = tx.update(
+      {"k": jnp.ones((4, 3))},
+      tx.init(params),
+      params,
+      batch_stats={"bn": {"var": jnp.array([0.0, 1.0, 2.0])}},
+  )
   assert float(out["k"][0, 0]) == pytest.approx(0.2)
 
 
 def test_bn_mode_end_to_end_in_sparseopt(small_net):
   from conftest import BN_PAIRS, make_train_step
+
   model, variables, batch = small_net
-  tx = optax.chain(so.sparseopt(0.9, skew="bn", bn_pairs=BN_PAIRS, update_every=2, end_step=10),
-                   optax.sgd(0.1, momentum=0.9))
+  tx = optax.chain(
+      so.sparseopt(
+          0.9, skew="bn", bn_pairs=BN_PAIRS, update_every=2, end_step=10
+      ),
+      optax.sgd(0.1, momentum=0.9),
+  )
   step = make_train_step(model, tx)
   p, b = variables["params"], variables["batch_stats"]
   s = tx.init(p)

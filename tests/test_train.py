@@ -12,10 +12,18 @@ import numpy as np
 import pytest
 
 import sparseopt_jax as so
-from sparseopt_jax import data, presets, train
+from sparseopt_jax.training import data, presets, train
 
-TINY = dict(width=4, steps=40, batch_size=64, train_subset=4096, eval_every=20,
-            checkpoint_every=20, update_every=10, log_every=10)
+TINY = dict(
+    width=4,
+    steps=40,
+    batch_size=64,
+    train_subset=4096,
+    eval_every=20,
+    checkpoint_every=20,
+    update_every=10,
+    log_every=10,
+)
 
 
 def tiny(**overrides):
@@ -24,41 +32,72 @@ def tiny(**overrides):
 
 def run(cfg, workdir, **kwargs):
   """One device unless a test asks for more: 8 simulated devices on 2 cores only slow it."""
-  return train.run(cfg, str(workdir), progress=False, **{"num_devices": 1, **kwargs})
+  return train.run(
+      cfg, str(workdir), progress=False, **{"num_devices": 1, **kwargs}
+  )
 
 
 def test_tiny_preset_trains_on_real_fashion_mnist(tmp_path):
   cfg = tiny(eval_every=10)
   state, row = run(cfg, tmp_path / "run")
-  rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
-  assert [r["step"] for r in rows] == [0, 10, 20, 30, 40]  # a point before training too
+  rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [
+      0,
+      10,
+      20,
+      30,
+      40,
+  ]  # a point before training too
   assert rows[-1]["train_loss"] < rows[1]["train_loss"]
   assert rows[-1]["test_loss"] < rows[0]["test_loss"]
   assert rows[-1]["test_accuracy"] > 0.15  # chance is 0.1
-  for key in ("test_loss", "sparsity", "params_sparsity", "density_spread", "exploration",
-              "skew_slope_raw", "skew_slope_corrected", "images_per_s", "wall_time", "epoch"):
+  for key in (
+      "test_loss",
+      "sparsity",
+      "params_sparsity",
+      "density_spread",
+      "exploration",
+      "skew_slope_raw",
+      "skew_slope_corrected",
+      "images_per_s",
+      "wall_time",
+      "epoch",
+  ):
     assert np.isfinite(rows[-1][key]), key
   # The params are as sparse as the masks say: no pruned weight drifted from zero.
   assert rows[-1]["pruned_nonzero"] == 0
   assert rows[-1]["params_sparsity"] >= rows[-1]["sparsity"]
   # Sparsity is exact: every sparse leaf holds its budgeted count.
   summary = so.sparsity_summary(state.opt_state)
-  shapes = {p: tuple(l["size"] for _ in [0]) for p, l in summary["leaves"].items()}
-  params = {so.tree.path_str(p): x.shape for p, x in
-            jax.tree_util.tree_leaves_with_path(state.params)}
-  expected = so.active_counts({p: params[p] for p in shapes},
-                              so.layer_sparsities({p: params[p] for p in shapes}, 0.9, "erk"))
-  assert {p: l["active"] for p, l in summary["leaves"].items()} == expected
+  shapes = {
+      p: tuple(leaf["size"] for _ in [0])
+      for p, leaf in summary["leaves"].items()
+  }
+  params = {
+      so.tree.path_str(p): x.shape
+      for p, x in jax.tree_util.tree_leaves_with_path(state.params)
+  }
+  expected = so.active_counts(
+      {p: params[p] for p in shapes},
+      so.layer_sparsities({p: params[p] for p in shapes}, 0.9, "erk"),
+  )
+  assert {
+      p: leaf["active"] for p, leaf in summary["leaves"].items()
+  } == expected
   assert json.load(open(tmp_path / "run" / "config.json"))["sparsity"] == 0.9
   png = tmp_path / "cmp.png"
   assert train.main(["plot", str(tmp_path / "run"), "--out", str(png)]) == 0
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(skew="bn"),
-    pytest.param(dict(dense=True), marks=pytest.mark.slow),
-    pytest.param(dict(topology="set", skew=None), marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(skew="bn"),
+        pytest.param(dict(dense=True), marks=pytest.mark.slow),
+        pytest.param(dict(topology="set", skew=None), marks=pytest.mark.slow),
+    ],
+)
 def test_other_arms_run_end_to_end(tmp_path, overrides):
   _, row = run(tiny(steps=20, **overrides), tmp_path)
   assert np.isfinite(row["test_loss"]) and row["train_loss"] < 2.3
@@ -66,8 +105,17 @@ def test_other_arms_run_end_to_end(tmp_path, overrides):
 
 def test_cifar100_tfds_path_under_mock_data(tmp_path):
   import tensorflow_datasets as tfds
-  cfg = presets.get_preset("cifar100_resnet20", width=4, steps=3, batch_size=16, eval_every=3,
-                           checkpoint_every=3, log_every=1, topology="static")
+
+  cfg = presets.get_preset(
+      "cifar100_resnet20",
+      width=4,
+      steps=3,
+      batch_size=16,
+      eval_every=3,
+      checkpoint_every=3,
+      log_every=1,
+      topology="static",
+  )
   # mock_data fakes the file system while tfds builds a pipeline: keep checkpoint
   # writes out of that window by making them synchronous.
   with tfds.testing.mock_data(num_examples=64):
@@ -88,24 +136,39 @@ def test_eight_devices_match_one_device():
   info = data.DatasetInfo("fashion_mnist", (28, 28, 1), 10, 4096, 10000)
   setup = train.make_setup(cfg, info, steps_per_epoch=4096 // 64)
   rng = np.random.default_rng(0)
-  batches = [{"image": rng.normal(size=(64, 28, 28, 1)).astype(np.float32),
-              "label": rng.integers(0, 10, 64).astype(np.int32)} for _ in range(3)]
+  batches = [
+      {
+          "image": rng.normal(size=(64, 28, 28, 1)).astype(np.float32),
+          "label": rng.integers(0, 10, 64).astype(np.int32),
+      }
+      for _ in range(3)
+  ]
   finals = []
   for n in (1, 8):
     mesh = train.make_mesh(n)
     step, _, _ = train.jit_steps(setup, mesh)
-    state = jax.device_put(train.create_train_state(setup, info.image_shape),
-                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    state = jax.device_put(
+        train.create_train_state(setup, info.image_shape),
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+    )
     for b in batches:
       state, _ = step(state, train.shard_batch(b, mesh))
     finals.append(jax.device_get(state))
-  chex.assert_trees_all_close(finals[0].params, finals[1].params, rtol=1e-4, atol=1e-5)
-  chex.assert_trees_all_close(finals[0].batch_stats, finals[1].batch_stats, rtol=1e-4, atol=1e-5)
-  chex.assert_trees_all_equal(so.get_masks(finals[0].opt_state), so.get_masks(finals[1].opt_state))
+  chex.assert_trees_all_close(
+      finals[0].params, finals[1].params, rtol=1e-4, atol=1e-5
+  )
+  chex.assert_trees_all_close(
+      finals[0].batch_stats, finals[1].batch_stats, rtol=1e-4, atol=1e-5
+  )
+  chex.assert_trees_all_equal(
+      so.get_masks(finals[0].opt_state), so.get_masks(finals[1].opt_state)
+  )
 
 
 @pytest.mark.slow  # two runs on 2 and 8 simulated devices; tests/test_sharding.py covers the
-def test_model_parallel_run_matches_data_parallel(tmp_path):  # same layout in the default run
+def test_model_parallel_run_matches_data_parallel(
+    tmp_path,
+):  # same layout in the default run
   """Kernels' output axes sharded over a 'model' mesh axis, masks and moments with them."""
   # Two steps, the second a mask update: this tiny ReLU net amplifies float32 rounding
   # (the sharded convolutions sum in another order) ~50x a step, so only the first
@@ -114,24 +177,44 @@ def test_model_parallel_run_matches_data_parallel(tmp_path):  # same layout in t
   finals = {}
   # The same 'data' axis (2 devices) in both runs, so the batch statistics sum alike.
   for m in (1, 4):
-    state, _ = run(dataclasses.replace(cfg, model_parallel=m), tmp_path / f"m{m}",
-                   num_devices=2 * m, stop_at=2)
+    state, _ = run(
+        dataclasses.replace(cfg, model_parallel=m),
+        tmp_path / f"m{m}",
+        num_devices=2 * m,
+        stop_at=2,
+    )
     finals[m] = state
   kernel = finals[4].params["stage3_block0"]["conv1"]["kernel"]
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "model")
-  assert so.get_masks(finals[4].opt_state)["stage3_block0"]["conv1"]["kernel"].sharding.spec == (
-      kernel.sharding.spec)
-  chex.assert_trees_all_equal(so.get_masks(finals[1].opt_state), so.get_masks(finals[4].opt_state))
-  assert not jax.tree.all(jax.tree.map(
-      jnp.array_equal, so.get_masks(finals[4].opt_state),
-      so.get_masks(train.create_train_state(*_setup_of(cfg)).opt_state)))
-  chex.assert_trees_all_close(jax.device_get(finals[1].params), jax.device_get(finals[4].params),
-                              rtol=1e-4, atol=1e-5)
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(
+      None, None, None, "model"
+  )
+  assert so.get_masks(finals[4].opt_state)["stage3_block0"]["conv1"][
+      "kernel"
+  ].sharding.spec == (kernel.sharding.spec)
+  chex.assert_trees_all_equal(
+      so.get_masks(finals[1].opt_state), so.get_masks(finals[4].opt_state)
+  )
+  assert not jax.tree.all(
+      jax.tree.map(
+          jnp.array_equal,
+          so.get_masks(finals[4].opt_state),
+          so.get_masks(train.create_train_state(*_setup_of(cfg)).opt_state),
+      )
+  )
+  chex.assert_trees_all_close(
+      jax.device_get(finals[1].params),
+      jax.device_get(finals[4].params),
+      rtol=1e-4,
+      atol=1e-5,
+  )
 
 
 def _setup_of(cfg):
   info = data.DatasetInfo("fashion_mnist", (28, 28, 1), 10, 60000, 10000)
-  return train.make_setup(cfg, info, steps_per_epoch=60000 // cfg.batch_size), info.image_shape
+  return (
+      train.make_setup(cfg, info, steps_per_epoch=60000 // cfg.batch_size),
+      info.image_shape,
+  )
 
 
 def test_resume_equals_training_straight(tmp_path):
@@ -144,7 +227,9 @@ def test_resume_equals_training_straight(tmp_path):
   chex.assert_trees_all_equal(straight.params, resumed.params)
   chex.assert_trees_all_equal(straight.batch_stats, resumed.batch_stats)
   chex.assert_trees_all_equal(straight.opt_state, resumed.opt_state)
-  chex.assert_trees_all_equal(so.get_masks(straight.opt_state), so.get_masks(resumed.opt_state))
+  chex.assert_trees_all_equal(
+      so.get_masks(straight.opt_state), so.get_masks(resumed.opt_state)
+  )
 
 
 def test_workdir_with_checkpoints_needs_resume(tmp_path):
@@ -160,7 +245,9 @@ def test_missing_or_corrupt_data_fails_before_training(tmp_path):
   src = data.FASHION_MNIST_DIR
   for name in os.listdir(src):
     (tmp_path / name).write_bytes(open(os.path.join(src, name), "rb").read())
-  (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01garbage"))
+  (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(
+      gzip.compress(b"\x00\x00\x08\x01garbage")
+  )
   with pytest.raises(data.DataError, match="train-labels"):
     run(tiny(data_dir=str(tmp_path)), tmp_path / "w2")
   assert not (tmp_path / "w2" / "checkpoints").exists()
@@ -184,18 +271,37 @@ def test_unknown_preset_or_bad_flag_is_a_clear_cli_error(tmp_path, capsys):
 def test_the_corrected_skew_metric_measures_the_correction_that_ran():
   info = data.DatasetInfo("fashion_mnist", (28, 28, 1), 10, 4096, 10000)
   rng = np.random.default_rng(0)
-  batch = {"image": rng.normal(size=(32, 28, 28, 1)).astype(np.float32),
-           "label": rng.integers(0, 10, 32).astype(np.int32)}
+  batch = {
+      "image": rng.normal(size=(32, 28, 28, 1)).astype(np.float32),
+      "label": rng.integers(0, 10, 32).astype(np.int32),
+  }
   out = {}
   for skew in ("density", "bn", None):
     setup = train.make_setup(tiny(skew=skew), info, steps_per_epoch=64)
     state = train.create_train_state(setup, info.image_shape)
     # Running variances that differ from what the density rule assumes.
-    state = state.replace(batch_stats=jax.tree_util.tree_map_with_path(
-        lambda p, x: x * (1 + jnp.arange(x.shape[-1]) % 3) if p[-1].key == "var" else x,
-        state.batch_stats))
-    out[skew] = jax.device_get(jax.jit(train.make_skew_probe(setup))(state, batch))
+    state = state.replace(
+        batch_stats=jax.tree_util.tree_map_with_path(
+            lambda p, x: x * (1 + jnp.arange(x.shape[-1]) % 3)
+            if p[-1].key == "var"
+            else x,
+            state.batch_stats,
+        )
+    )
+    out[skew] = jax.device_get(
+        jax.jit(train.make_skew_probe(setup))(state, batch)
+    )
   # The density rule adds exactly 0.5 to every slope; the BatchNorm factors do not.
-  assert abs(out["density"]["skew_slope_corrected"] - out["density"]["skew_slope_raw"] - 0.5) < 1e-3
-  assert abs(out["bn"]["skew_slope_corrected"] - out["bn"]["skew_slope_raw"] - 0.5) > 1e-2
+  assert (
+      abs(
+          out["density"]["skew_slope_corrected"]
+          - out["density"]["skew_slope_raw"]
+          - 0.5
+      )
+      < 1e-3
+  )
+  assert (
+      abs(out["bn"]["skew_slope_corrected"] - out["bn"]["skew_slope_raw"] - 0.5)
+      > 1e-2
+  )
   assert "skew_slope_corrected" not in out[None]

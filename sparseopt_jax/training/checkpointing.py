@@ -17,12 +17,18 @@ class Checkpointer:
   host before ``save`` returns and written while training goes on.
   """
 
-  def __init__(self, directory: str, every: int, keep: int = 2, asynchronous: bool = True):
+  def __init__(
+      self, directory: str, every: int, keep: int = 2, asynchronous: bool = True
+  ):
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                             create=True,
-                                             enable_async_checkpointing=asynchronous))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            save_interval_steps=every,
+            create=True,
+            enable_async_checkpointing=asynchronous,
+        ),
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -33,7 +39,9 @@ class Checkpointer:
   def restore(self, like: Any) -> Any:
     """The latest checkpoint, laid out (shapes, dtypes, shardings) like ``like``."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    return self.manager.restore(self.latest_step(), args=ocp.args.StandardRestore(abstract))
+    return self.manager.restore(
+        self.latest_step(), args=ocp.args.StandardRestore(abstract)
+    )
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -37,10 +37,18 @@ def batch():
 
 def _tx(skew):
   return optax.chain(
-      so.sparseopt(0.8, distribution="uniform", topology="rigl", update_every=2,
-                   drop_fraction=0.3, end_step=100, skew=skew,
-                   bn_pairs=BN_PAIRS if skew == "bn" else None),
-      optax.sgd(0.1, momentum=0.9))
+      so.sparseopt(
+          0.8,
+          distribution="uniform",
+          topology="rigl",
+          update_every=2,
+          drop_fraction=0.3,
+          end_step=100,
+          skew=skew,
+          bn_pairs=BN_PAIRS if skew == "bn" else None,
+      ),
+      optax.sgd(0.1, momentum=0.9),
+  )
 
 
 def _loss(model, x, y):
@@ -56,11 +64,15 @@ def _make_step(trace_count, remask_after=False):
     if remask_after:
       so.remask(model, optimizer)
     return loss
+
   return step
 
 
 def _flat(tree):
-  return {so.tree.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+      so.tree.path_str(p): x
+      for p, x in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def _check_invariant(model, optimizer):
@@ -109,8 +121,9 @@ def test_remask_with_plain_nnx_optimizer(batch):
   optimizer = nnx.Optimizer(model, _tx("density"), wrt=nnx.Param)
   so.remask(model, optimizer)
   traces = [0]
-  losses, changed = _train(model, optimizer, _make_step(traces, remask_after=True), batch,
-                           n_steps=6)
+  losses, changed = _train(
+      model, optimizer, _make_step(traces, remask_after=True), batch, n_steps=6
+  )
   assert traces[0] == 1 and changed >= 2 and losses[-1] < losses[0]
 
 
@@ -118,7 +131,9 @@ def test_plain_nnx_optimizer_without_remask_breaks_invariant(batch):
   model = Net(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, _tx("density"), wrt=nnx.Param)
   step = _make_step([0])
-  for _ in range(3):  # step 2 is a mask update: dropped weights keep their values
+  for _ in range(
+      3
+  ):  # step 2 is a mask update: dropped weights keep their values
     step(model, optimizer, *batch)
   with pytest.raises(AssertionError):
     _check_invariant(model, optimizer)
@@ -142,9 +157,14 @@ def test_nnx_path_matches_pure_pytree_path(batch, skew):
   def pure_step(params, rest, opt_state):
     def loss_fn(params):
       m = nnx.merge(graphdef, params, rest)
-      return _loss(m, x, y), (nnx.as_pure(nnx.state(m, nnx.Not(nnx.Param))),
-                              so.nnx_batch_stats(m))
-    (loss, (new_rest, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      return _loss(m, x, y), (
+          nnx.as_pure(nnx.state(m, nnx.Not(nnx.Param))),
+          so.nnx_batch_stats(m),
+      )
+
+    (loss, (new_rest, stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True
+    )(params)
     updates, opt_state = tx.update(grads, opt_state, params, batch_stats=stats)
     params, opt_state = so.apply_updates(params, updates, opt_state)
     return params, new_rest, opt_state, loss
@@ -157,7 +177,9 @@ def test_nnx_path_matches_pure_pytree_path(batch, skew):
     want = _flat(params)
     assert got.keys() == want.keys()
     for k in want:
-      np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-8, err_msg=k)
+      np.testing.assert_allclose(
+          got[k], want[k], rtol=1e-6, atol=1e-8, err_msg=k
+      )
     masks_nnx = _flat(so.get_masks(nnx.as_pure(optimizer.opt_state)))
     masks_pure = _flat(so.get_masks(opt_state))
     for k in masks_pure:

@@ -14,7 +14,9 @@ class PlotError(ValueError):
 def read_metrics(run_dir: str) -> list[dict]:
   path = os.path.join(run_dir, "metrics.jsonl")
   if not os.path.exists(path):
-    raise PlotError(f"{path} does not exist: is {run_dir!r} a training workdir?")
+    raise PlotError(
+        f"{path} does not exist: is {run_dir!r} a training workdir?"
+    )
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
 
@@ -46,7 +48,9 @@ def default_title(run_dirs: Sequence[str], rows: Sequence[list[dict]]) -> str:
     values = {c.get(key) for c in cfgs}
     if len(values) == 1 and None not in values:
       parts.append(fmt.format(values.pop()))
-  sparse = {(c["sparsity"], c["distribution"]) for c in cfgs if not c.get("dense")}
+  sparse = {
+      (c["sparsity"], c["distribution"]) for c in cfgs if not c.get("dense")
+  }
   if len(sparse) == 1:
     sparsity, distribution = sparse.pop()
     parts.append(f"{sparsity:.0%} {distribution.upper()} sparsity")
@@ -57,23 +61,33 @@ def default_title(run_dirs: Sequence[str], rows: Sequence[list[dict]]) -> str:
 STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D")]
 
 
-def plot_runs(run_dirs: Sequence[str], out: str, metric: str = "test_accuracy",
-              labels: Sequence[str] | None = None, title: str | None = None) -> str:
+def plot_runs(
+    run_dirs: Sequence[str],
+    out: str,
+    metric: str = "test_accuracy",
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> str:
   """Draw ``metric`` against step for each run; returns the path written.
 
   ``out`` without an extension gets ``.png``. Raises PlotError for labels that do
   not match the runs one to one, or a metric that no run recorded.
   """
   if labels is not None and len(labels) != len(run_dirs):
-    raise PlotError(f"--labels gives {len(labels)} labels for {len(run_dirs)} runs; give one "
-                    "per run, in the same order")
+    raise PlotError(
+        f"--labels gives {len(labels)} labels for {len(run_dirs)} runs; give"
+        " one per run, in the same order"
+    )
   all_rows = [read_metrics(d) for d in run_dirs]
   known = sorted({k for rows in all_rows for r in rows for k in r})
   if not any(metric in r for rows in all_rows for r in rows):
-    raise PlotError(f"no run recorded the metric {metric!r}; metrics.jsonl has {known}")
+    raise PlotError(
+        f"no run recorded the metric {metric!r}; metrics.jsonl has {known}"
+    )
   if not os.path.splitext(out)[1]:
     out += ".png"
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -81,8 +95,15 @@ def plot_runs(run_dirs: Sequence[str], out: str, metric: str = "test_accuracy",
   for i, (run_dir, rows) in enumerate(zip(run_dirs, all_rows)):
     rows = [r for r in rows if metric in r]
     line, marker = STYLES[i % len(STYLES)]
-    ax.plot([r["step"] for r in rows], [r[metric] for r in rows], ls=line, marker=marker,
-            markersize=5, alpha=0.85, label=labels[i] if labels else run_label(run_dir))
+    ax.plot(
+        [r["step"] for r in rows],
+        [r[metric] for r in rows],
+        ls=line,
+        marker=marker,
+        markersize=5,
+        alpha=0.85,
+        label=labels[i] if labels else run_label(run_dir),
+    )
   ax.set_xlabel("step")
   ax.set_ylabel(metric.replace("_", " "))
   ax.set_title(title or default_title(run_dirs, all_rows), fontsize=10)

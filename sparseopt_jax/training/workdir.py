@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from sparseopt_jax import presets
+from sparseopt_jax.training import presets
 
 
 class UserError(ValueError):
@@ -23,7 +23,14 @@ class UserError(ValueError):
 
 # Fields a resumed run may change: they lengthen or re-pace the run, or say where the
 # data lives, without changing what the checkpoint's state means.
-SAFE_ON_RESUME = ("steps", "epochs", "eval_every", "checkpoint_every", "log_every", "data_dir")
+SAFE_ON_RESUME = (
+    "steps",
+    "epochs",
+    "eval_every",
+    "checkpoint_every",
+    "log_every",
+    "data_dir",
+)
 
 CONFIG, METRICS, LOCK = "config.json", "metrics.jsonl", ".lock"
 
@@ -57,8 +64,10 @@ def lock(workdir: str):
       except (OSError, ValueError):
         pid = 0
       if pid and pid != os.getpid() and _pid_alive(pid):
-        raise UserError(f"{workdir!r} is in use by process {pid} (lock file {path}); wait for "
-                        "it to finish or choose another --workdir") from None
+        raise UserError(
+            f"{workdir!r} is in use by process {pid} (lock file {path}); wait"
+            " for it to finish or choose another --workdir"
+        ) from None
       os.remove(path)  # stale: its process is gone
   else:  # pragma: no cover - lost a race twice
     raise UserError(f"could not take the lock {path}")
@@ -84,7 +93,9 @@ def write_config(workdir: str, cfg: presets.TrainConfig) -> None:
     json.dump(dataclasses.asdict(cfg), f, indent=2)
 
 
-def config_for_resume(workdir: str, overrides: dict[str, Any]) -> presets.TrainConfig | None:
+def config_for_resume(
+    workdir: str, overrides: dict[str, Any]
+) -> presets.TrainConfig | None:
   """The stored config of ``workdir`` with the safe ``overrides`` (flags given on the
   command line) applied; None if the workdir holds no config.
 
@@ -99,14 +110,22 @@ def config_for_resume(workdir: str, overrides: dict[str, Any]) -> presets.TrainC
 
 
 def check_resume_overrides(stored: dict, overrides: dict[str, Any]) -> None:
-  conflicts = {k: (stored.get(k), v) for k, v in overrides.items()
-               if k not in SAFE_ON_RESUME and stored.get(k) != v}
+  conflicts = {
+      k: (stored.get(k), v)
+      for k, v in overrides.items()
+      if k not in SAFE_ON_RESUME and stored.get(k) != v
+  }
   if conflicts:
-    listed = ", ".join(f"--{k.replace('_', '-')} {new!r} (the run has {old!r})"
-                       for k, (old, new) in conflicts.items())
-    raise UserError(f"--resume continues the stored run, which these flags would change: "
-                    f"{listed}. Only {', '.join('--' + k.replace('_', '-') for k in SAFE_ON_RESUME)} "
-                    "may change on resume; start a new --workdir for another configuration")
+    listed = ", ".join(
+        f"--{k.replace('_', '-')} {new!r} (the run has {old!r})"
+        for k, (old, new) in conflicts.items()
+    )
+    raise UserError(
+        "--resume continues the stored run, which these flags would change:"
+        f" {listed}. Only"
+        f" {', '.join('--' + k.replace('_', '-') for k in SAFE_ON_RESUME)} may"
+        " change on resume; start a new --workdir for another configuration"
+    )
 
 
 class MetricsLog:
@@ -130,7 +149,9 @@ class MetricsLog:
       with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in self.rows)
       os.replace(tmp, self.path)
-    self.wall_time_offset = float(self.rows[-1].get("wall_time", 0.0)) if self.rows else 0.0
+    self.wall_time_offset = (
+        float(self.rows[-1].get("wall_time", 0.0)) if self.rows else 0.0
+    )
 
   @property
   def last(self) -> dict:

@@ -1,4 +1,4 @@
-"""The training program: ``python -m sparseopt_jax.train`` / ``sparseopt-train``.
+"""The training program: ``python -m sparseopt_jax.training.train`` / ``sparseopt-train``.
 
     sparseopt-train --preset fashion_mnist_resnet20 --workdir runs/so --skew density
     sparseopt-train --preset fashion_mnist_resnet20 --workdir runs/so --resume
@@ -34,8 +34,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sparseopt_jax as so
-from sparseopt_jax import checkpointing, data, models, plotting, presets
-from sparseopt_jax import workdir as workdir_lib
+from sparseopt_jax.flax_support import linen as linen_bridge
+from sparseopt_jax.training import (
+    checkpointing,
+    data,
+    models,
+    plotting,
+    presets,
+)
+from sparseopt_jax.training import workdir as workdir_lib
 
 STEM_KERNEL = "conv_init/kernel"
 
@@ -51,6 +58,7 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """The pieces of a run that do not change while it trains."""
+
   config: presets.TrainConfig
   model: Any
   tx: optax.GradientTransformation
@@ -67,7 +75,9 @@ class Setup:
     cfg = self.config
     if cfg.dense or cfg.topology == "static":
       return False
-    return so.is_mask_update_step(step, update_every=cfg.update_every, end_step=self.end_step)
+    return so.is_mask_update_step(
+        step, update_every=cfg.update_every, end_step=self.end_step
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -84,50 +94,85 @@ def build_model(cfg: presets.TrainConfig, info: data.DatasetInfo):
 def lr_schedule(cfg: presets.TrainConfig, num_steps: int, steps_per_epoch: int):
   warmup = int(cfg.warmup_epochs * steps_per_epoch)
   if warmup:
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, num_steps)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, warmup, num_steps
+    )
   return optax.cosine_decay_schedule(cfg.learning_rate, num_steps)
 
 
-def build_optimizer(cfg: presets.TrainConfig, num_steps: int, steps_per_epoch: int,
-                    bn_pairs: dict) -> optax.GradientTransformation:
+def build_optimizer(
+    cfg: presets.TrainConfig,
+    num_steps: int,
+    steps_per_epoch: int,
+    bn_pairs: dict,
+) -> optax.GradientTransformation:
   """``chain(sparseopt(...), add_decayed_weights, sgd)``; no sparseopt for ``--dense``."""
-  inner = [optax.add_decayed_weights(cfg.weight_decay),
-           optax.sgd(lr_schedule(cfg, num_steps, steps_per_epoch), momentum=cfg.momentum,
-                     nesterov=cfg.nesterov)]
+  inner = [
+      optax.add_decayed_weights(cfg.weight_decay),
+      optax.sgd(
+          lr_schedule(cfg, num_steps, steps_per_epoch),
+          momentum=cfg.momentum,
+          nesterov=cfg.nesterov,
+      ),
+  ]
   if cfg.dense:
     return optax.chain(*inner)
   sparse_filter = None
   if cfg.dense_stem:
-    sparse_filter = lambda path, leaf: jnp.ndim(leaf) >= 2 and path != STEM_KERNEL
+    sparse_filter = (
+        lambda path, leaf: jnp.ndim(leaf) >= 2 and path != STEM_KERNEL
+    )
   return optax.chain(
-      so.sparseopt(cfg.sparsity, distribution=cfg.distribution, topology=cfg.topology,
-                   update_every=cfg.update_every, drop_fraction=cfg.drop_fraction,
-                   end_step=int(cfg.end_fraction * num_steps), skew=cfg.skew,
-                   grow_with=cfg.grow_with, sparse_filter=sparse_filter, seed=cfg.seed,
-                   bn_pairs=bn_pairs),
-      *inner)
+      so.sparseopt(
+          cfg.sparsity,
+          distribution=cfg.distribution,
+          topology=cfg.topology,
+          update_every=cfg.update_every,
+          drop_fraction=cfg.drop_fraction,
+          end_step=int(cfg.end_fraction * num_steps),
+          skew=cfg.skew,
+          grow_with=cfg.grow_with,
+          sparse_filter=sparse_filter,
+          seed=cfg.seed,
+          bn_pairs=bn_pairs,
+      ),
+      *inner,
+  )
 
 
-def make_setup(cfg: presets.TrainConfig, info: data.DatasetInfo, steps_per_epoch: int) -> Setup:
+def make_setup(
+    cfg: presets.TrainConfig, info: data.DatasetInfo, steps_per_epoch: int
+) -> Setup:
   """Model, optimizer and schedule of a run on data described by ``info``."""
   model = build_model(cfg, info)
   num_steps = cfg.steps or max(1, round(cfg.epochs * steps_per_epoch))
-  pairs = models.bn_pairs(model, jnp.zeros((1, *info.image_shape)), train=True)
+  pairs = linen_bridge.bn_pairs(
+      model, jnp.zeros((1, *info.image_shape)), train=True
+  )
   tx = build_optimizer(cfg, num_steps, steps_per_epoch, pairs)
   return Setup(cfg, model, tx, num_steps, steps_per_epoch, pairs)
 
 
-def create_train_state(setup: Setup, image_shape: tuple[int, ...]) -> TrainState:
+def create_train_state(
+    setup: Setup, image_shape: tuple[int, ...]
+) -> TrainState:
   # The 'rbg' key compiles far faster than threefry for a whole ResNet init on CPU.
   key = jax.random.key(setup.config.seed, impl="rbg")
   variables = jax.jit(functools.partial(setup.model.init, train=True))(
-      key, jnp.zeros((1, *image_shape), jnp.float32))
+      key, jnp.zeros((1, *image_shape), jnp.float32)
+  )
   params = variables["params"]
-  opt_state = setup.tx.init(params)  # masks drawn with numpy on the host: no compile
+  opt_state = setup.tx.init(
+      params
+  )  # masks drawn with numpy on the host: no compile
   if not setup.config.dense:
     params = so.apply_masks(params, opt_state)
-  return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                    batch_stats=variables["batch_stats"], opt_state=opt_state)
+  return TrainState(
+      step=jnp.zeros([], jnp.int32),
+      params=params,
+      batch_stats=variables["batch_stats"],
+      opt_state=opt_state,
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -135,9 +180,15 @@ def create_train_state(setup: Setup, image_shape: tuple[int, ...]) -> TrainState
 
 
 def _loss(model, label_smoothing, params, batch_stats, batch, train):
-  out = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                    train=train, mutable=["batch_stats"] if train else False)
-  logits, new_stats = (out[0], out[1]["batch_stats"]) if train else (out, batch_stats)
+  out = model.apply(
+      {"params": params, "batch_stats": batch_stats},
+      batch["image"],
+      train=train,
+      mutable=["batch_stats"] if train else False,
+  )
+  logits, new_stats = (
+      (out[0], out[1]["batch_stats"]) if train else (out, batch_stats)
+  )
   targets = jax.nn.one_hot(batch["label"], logits.shape[-1])
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
@@ -156,46 +207,79 @@ def make_train_step(setup: Setup):
   """
   model, tx, cfg = setup.model, setup.tx, setup.config
 
-  def train_step(state: TrainState, batch, mask_update: bool | None = None
-                 ) -> tuple[TrainState, dict]:
+  def train_step(
+      state: TrainState, batch, mask_update: bool | None = None
+  ) -> tuple[TrainState, dict]:
     def loss_fn(params):
-      losses, correct, stats = _loss(model, cfg.label_smoothing, params, state.batch_stats,
-                                     batch, train=True)
+      losses, correct, stats = _loss(
+          model,
+          cfg.label_smoothing,
+          params,
+          state.batch_stats,
+          batch,
+          train=True,
+      )
       return losses.mean(), (correct.mean(), stats)
 
-    (loss, (acc, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (acc, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
     if cfg.dense:
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
     else:
-      updates, opt_state = tx.update(grads, state.opt_state, state.params, batch_stats=stats,
-                                     mask_update=mask_update)
-      params, opt_state = so.apply_updates(state.params, updates, opt_state,
-                                           mask_update=mask_update)
-    return (TrainState(step=state.step + 1, params=params, batch_stats=stats,
-                       opt_state=opt_state), {"loss": loss, "accuracy": acc})
+      updates, opt_state = tx.update(
+          grads,
+          state.opt_state,
+          state.params,
+          batch_stats=stats,
+          mask_update=mask_update,
+      )
+      params, opt_state = so.apply_updates(
+          state.params, updates, opt_state, mask_update=mask_update
+      )
+    return (
+        TrainState(
+            step=state.step + 1,
+            params=params,
+            batch_stats=stats,
+            opt_state=opt_state,
+        ),
+        {"loss": loss, "accuracy": acc},
+    )
 
   return train_step
 
 
 def make_eval_step(setup: Setup):
   """``eval_step(state, batch) -> {'loss', 'correct', 'count'}`` summed over the batch."""
+
   def eval_step(state: TrainState, batch) -> dict:
-    losses, correct, _ = _loss(setup.model, 0.0, state.params, state.batch_stats, batch,
-                               train=False)
+    losses, correct, _ = _loss(
+        setup.model, 0.0, state.params, state.batch_stats, batch, train=False
+    )
     mask = batch["mask"]
-    return {"loss": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
-            "count": jnp.sum(mask)}
+    return {
+        "loss": jnp.sum(losses * mask),
+        "correct": jnp.sum(correct * mask),
+        "count": jnp.sum(mask),
+    }
+
   return eval_step
 
 
 def make_grad_fn(setup: Setup):
   """``grad_fn(state, batch) -> grads``: the raw gradient a train step sees (no smoothing)."""
+
   def grad_fn(state: TrainState, batch):
     def loss_fn(params):
-      losses, _, _ = _loss(setup.model, 0.0, params, state.batch_stats, batch, train=True)
+      losses, _, _ = _loss(
+          setup.model, 0.0, params, state.batch_stats, batch, train=True
+      )
       return losses.mean()
+
     return jax.grad(loss_fn)(state.params)
+
   return grad_fn
 
 
@@ -205,8 +289,13 @@ def make_skew_probe(setup: Setup):
   no correction ran): the density factors, or the BatchNorm-variance factors of
   ``skew="bn"`` read from the state's running statistics."""
   cfg = setup.config
-  correct = None if cfg.skew is None else so.skew_correct(
-      cfg.skew, bn_pairs=setup.bn_pairs if cfg.skew == "bn" else None)
+  correct = (
+      None
+      if cfg.skew is None
+      else so.skew_correct(
+          cfg.skew, bn_pairs=setup.bn_pairs if cfg.skew == "bn" else None
+      )
+  )
   grad_fn = make_grad_fn(setup)
 
   def probe(state: TrainState, batch) -> dict:
@@ -215,10 +304,15 @@ def make_skew_probe(setup: Setup):
     mean = lambda slopes: jnp.nanmean(jnp.stack(list(slopes.values())))
     out = {"skew_slope_raw": mean(so.skew_slope(grads, masks))}
     if correct is not None:
-      fixed, _ = correct.update(grads, correct.init(state.params), masks=masks,
-                                batch_stats=state.batch_stats)
+      fixed, _ = correct.update(
+          grads,
+          correct.init(state.params),
+          masks=masks,
+          batch_stats=state.batch_stats,
+      )
       out["skew_slope_corrected"] = mean(so.skew_slope(fixed, masks))
     return out
+
   return probe
 
 
@@ -226,12 +320,19 @@ def make_skew_probe(setup: Setup):
 # Devices
 
 
-def make_mesh(num_devices: int | None = None, model_parallel: int = 1) -> jax.sharding.Mesh:
+def make_mesh(
+    num_devices: int | None = None, model_parallel: int = 1
+) -> jax.sharding.Mesh:
   """A ('data', 'model') mesh: the batch on 'data', kernels' output axes on 'model'."""
   devices = jax.devices()[:num_devices] if num_devices else jax.devices()
   if len(devices) % model_parallel:
-    raise ValueError(f"model_parallel {model_parallel} does not divide the {len(devices)} devices")
-  return jax.sharding.Mesh(np.asarray(devices).reshape(-1, model_parallel), ("data", "model"))
+    raise ValueError(
+        f"model_parallel {model_parallel} does not divide the {len(devices)}"
+        " devices"
+    )
+  return jax.sharding.Mesh(
+      np.asarray(devices).reshape(-1, model_parallel), ("data", "model")
+  )
 
 
 def param_spec(leaf: Any, model_parallel: int) -> P:
@@ -242,38 +343,64 @@ def param_spec(leaf: Any, model_parallel: int) -> P:
   return P()
 
 
-def state_shardings(setup: Setup, mesh: jax.sharding.Mesh, state: TrainState) -> TrainState:
+def state_shardings(
+    setup: Setup, mesh: jax.sharding.Mesh, state: TrainState
+) -> TrainState:
   """Shardings of a TrainState on ``mesh``: params by :func:`param_spec`, the optimizer
   state like its params (masks and density factors too: ``so.state_shardings``), the
   rest replicated."""
   replicated = NamedSharding(mesh, P())
   m = mesh.shape["model"]
-  params = jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x, m)), state.params)
-  return TrainState(step=replicated, params=params,
-                    batch_stats=jax.tree.map(lambda _: replicated, state.batch_stats),
-                    opt_state=so.state_shardings(setup.tx, state.params, params, replicated))
+  params = jax.tree.map(
+      lambda x: NamedSharding(mesh, param_spec(x, m)), state.params
+  )
+  return TrainState(
+      step=replicated,
+      params=params,
+      batch_stats=jax.tree.map(lambda _: replicated, state.batch_stats),
+      opt_state=so.state_shardings(setup.tx, state.params, params, replicated),
+  )
 
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
   n = mesh.shape["data"]
   if batch_size % n or batch_size % jax.process_count():
-    raise workdir_lib.UserError(f"batch_size {batch_size} is not divisible by the {n} devices of the "
-                     f"mesh's 'data' axis ({jax.process_count()} processes) it is sharded over")
+    raise workdir_lib.UserError(
+        f"batch_size {batch_size} is not divisible by the {n} devices of the"
+        f" mesh's 'data' axis ({jax.process_count()} processes) it is sharded"
+        " over"
+    )
 
 
-def jit_steps(setup: Setup, mesh: jax.sharding.Mesh, shardings: TrainState | None = None):
+def jit_steps(
+    setup: Setup, mesh: jax.sharding.Mesh, shardings: TrainState | None = None
+):
   """The jitted train, eval and probe steps for ``mesh``: batch on 'data', the state laid
   out by ``shardings`` (from :func:`state_shardings`; default: replicated)."""
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
   state = replicated if shardings is None else shardings
-  train = jax.jit(make_train_step(setup), in_shardings=(state, batch_sharding),
-                  out_shardings=(state, replicated), donate_argnums=0,
-                  static_argnums=2)
-  evaluate = jax.jit(make_eval_step(setup), in_shardings=(state, batch_sharding),
-                     out_shardings=replicated)
-  probe = None if setup.config.dense else jax.jit(
-      make_skew_probe(setup), in_shardings=(state, batch_sharding), out_shardings=replicated)
+  train = jax.jit(
+      make_train_step(setup),
+      in_shardings=(state, batch_sharding),
+      out_shardings=(state, replicated),
+      donate_argnums=0,
+      static_argnums=2,
+  )
+  evaluate = jax.jit(
+      make_eval_step(setup),
+      in_shardings=(state, batch_sharding),
+      out_shardings=replicated,
+  )
+  probe = (
+      None
+      if setup.config.dense
+      else jax.jit(
+          make_skew_probe(setup),
+          in_shardings=(state, batch_sharding),
+          out_shardings=replicated,
+      )
+  )
   return train, evaluate, probe
 
 
@@ -293,15 +420,23 @@ class HostScheduledStep:
 
   @staticmethod
   def _key(batch: dict, mask_update: bool) -> tuple:
-    return bool(mask_update), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(batch))
+    return bool(mask_update), tuple(
+        (x.shape, str(x.dtype)) for x in jax.tree.leaves(batch)
+    )
 
-  def compile(self, state: TrainState, batch: dict, *, update_variant: bool = True) -> None:
+  def compile(
+      self, state: TrainState, batch: dict, *, update_variant: bool = True
+  ) -> None:
     """Compile the ordinary variant now and (``update_variant``) the other in the background."""
     if self._key(batch, False) not in self._variants:
-      self._variants[self._key(batch, False)] = self._jitted.lower(state, batch, False).compile()
+      self._variants[self._key(batch, False)] = self._jitted.lower(
+          state, batch, False
+      ).compile()
     if update_variant and self._key(batch, True) not in self._variants:
       lowered = self._jitted.lower(state, batch, True)
-      self._variants[self._key(batch, True)] = self._pool.submit(lowered.compile)
+      self._variants[self._key(batch, True)] = self._pool.submit(
+          lowered.compile
+      )
 
   def __call__(self, state: TrainState, batch: dict, mask_update: bool):
     self.compile(state, batch, update_variant=mask_update)
@@ -314,7 +449,10 @@ class HostScheduledStep:
 def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
   """This process's host batch -> one global array per key, sharded on 'data'."""
   sharding = NamedSharding(mesh, P("data"))
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+  return {
+      k: jax.make_array_from_process_local_data(sharding, v)
+      for k, v in batch.items()
+  }
 
 
 # ---------------------------------------------------------------------------
@@ -327,20 +465,29 @@ def evaluate(eval_step, state, dataset, batch_size, mesh) -> dict:
     out = eval_step(state, shard_batch(batch, mesh))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
-  return {"test_loss": float(totals["loss"] / totals["count"]),
-          "test_accuracy": float(totals["correct"] / totals["count"])}
+  return {
+      "test_loss": float(totals["loss"] / totals["count"]),
+      "test_accuracy": float(totals["correct"] / totals["count"]),
+  }
 
 
-def run(cfg: presets.TrainConfig, workdir: str, *, resume: bool = False,
-        stop_at: int | None = None, num_devices: int | None = None,
-        progress: bool = True, async_checkpoints: bool = True,
-        log=print) -> tuple[TrainState, dict]:
+def run(
+    cfg: presets.TrainConfig,
+    workdir: str,
+    *,
+    resume: bool = False,
+    stop_at: int | None = None,
+    num_devices: int | None = None,
+    progress: bool = True,
+    async_checkpoints: bool = True,
+    log=print,
+) -> tuple[TrainState, dict]:
   """Train (or resume) a run in ``workdir``; returns the final state and last metrics row.
 
   ``stop_at`` stops after that step as if interrupted (a checkpoint is written),
   so that a later ``resume=True`` run continues exactly there. One process per
   workdir at a time (``workdir/.lock``). A resumed run must have the stored
-  config but for :data:`~sparseopt_jax.workdir.SAFE_ON_RESUME` fields.
+  config but for :data:`~sparseopt_jax.training.workdir.SAFE_ON_RESUME` fields.
 
   Raises:
     workdir.UserError: for a busy workdir, a conflicting config, checkpoints
@@ -350,21 +497,46 @@ def run(cfg: presets.TrainConfig, workdir: str, *, resume: bool = False,
   check_batch_size(cfg.batch_size, mesh)
   is_main = jax.process_index() == 0
   with workdir_lib.lock(workdir) if is_main else contextlib.nullcontext():
-    return _run_locked(cfg, workdir, mesh, resume=resume, stop_at=stop_at, progress=progress,
-                       async_checkpoints=async_checkpoints, is_main=is_main, log=log)
+    return _run_locked(
+        cfg,
+        workdir,
+        mesh,
+        resume=resume,
+        stop_at=stop_at,
+        progress=progress,
+        async_checkpoints=async_checkpoints,
+        is_main=is_main,
+        log=log,
+    )
 
 
-def _run_locked(cfg, workdir, mesh, *, resume, stop_at, progress, async_checkpoints, is_main,
-                log) -> tuple[TrainState, dict]:
+def _run_locked(
+    cfg,
+    workdir,
+    mesh,
+    *,
+    resume,
+    stop_at,
+    progress,
+    async_checkpoints,
+    is_main,
+    log,
+) -> tuple[TrainState, dict]:
   # The data first: missing or corrupt files fail before anything is written.
-  dataset = data.load(cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
-                                    asynchronous=async_checkpoints)
+  dataset = data.load(
+      cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset
+  )
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"),
+      cfg.checkpoint_every,
+      asynchronous=async_checkpoints,
+  )
   latest = ckpt.latest_step()
   if latest is not None and not resume:
     raise workdir_lib.UserError(
-        f"{workdir!r} already holds checkpoints (last step {latest}); pass --resume to continue "
-        "it, or choose a new --workdir")
+        f"{workdir!r} already holds checkpoints (last step {latest}); pass"
+        " --resume to continue it, or choose a new --workdir"
+    )
   if latest is None:
     if resume:
       log(f"--resume: no checkpoint in {workdir!r}: starting a new run")
@@ -375,7 +547,9 @@ def _run_locked(cfg, workdir, mesh, *, resume, stop_at, progress, async_checkpoi
   local_batch = cfg.batch_size // jax.process_count()
   setup = make_setup(cfg, dataset.info, dataset.steps_per_epoch(local_batch))
   if latest is None and is_main:
-    workdir_lib.write_config(workdir, cfg)  # a new run only: resume keeps the stored one
+    workdir_lib.write_config(
+        workdir, cfg
+    )  # a new run only: resume keeps the stored one
 
   state = create_train_state(setup, dataset.info.image_shape)
   shardings = state_shardings(setup, mesh, state)
@@ -385,35 +559,63 @@ def _run_locked(cfg, workdir, mesh, *, resume, stop_at, progress, async_checkpoi
   start = int(state.step)
   metrics_log = workdir_lib.MetricsLog(workdir, start, write=is_main)
   if start >= setup.num_steps:
-    log(f"the run in {workdir!r} is finished (step {start} of {setup.num_steps}); nothing to do")
+    log(
+        f"the run in {workdir!r} is finished (step {start} of"
+        f" {setup.num_steps}); nothing to do"
+    )
     ckpt.close()
     return state, metrics_log.last
   train_jit, eval_step, probe = jit_steps(setup, mesh, shardings)
   train_step = HostScheduledStep(train_jit)
-  dynamic = not cfg.dense and cfg.topology != "static" and start < setup.end_step
+  dynamic = (
+      not cfg.dense and cfg.topology != "static" and start < setup.end_step
+  )
   batches = dataset.train_batches(local_batch, seed=cfg.seed, start_step=start)
-  last_step = setup.num_steps if stop_at is None else min(stop_at, setup.num_steps)
+  last_step = (
+      setup.num_steps if stop_at is None else min(stop_at, setup.num_steps)
+  )
 
   from tqdm.auto import tqdm
-  bar = tqdm(total=setup.num_steps, initial=start, disable=not (progress and is_main),
-             unit="step", dynamic_ncols=True)
+
+  bar = tqdm(
+      total=setup.num_steps,
+      initial=start,
+      disable=not (progress and is_main),
+      unit="step",
+      dynamic_ncols=True,
+  )
   t_start = time.time()
 
   def record(step, batch, extra):
     """Evaluate and append a metrics row (step 0: before any training)."""
-    row = {"step": step, "epoch": step / setup.steps_per_epoch, **extra,
-           **evaluate(eval_step, state, dataset, cfg.batch_size, mesh),
-           "wall_time": metrics_log.wall_time_offset + time.time() - t_start}
+    row = {
+        "step": step,
+        "epoch": step / setup.steps_per_epoch,
+        **extra,
+        **evaluate(eval_step, state, dataset, cfg.batch_size, mesh),
+        "wall_time": metrics_log.wall_time_offset + time.time() - t_start,
+    }
     if probe is not None:
       summary = so.sparsity_summary(state.opt_state, params=state.params)
-      row.update(sparsity=summary["sparsity"], params_sparsity=summary["params_sparsity"],
-                 pruned_nonzero=summary["pruned_nonzero"],
-                 density_spread=summary["density_spread"], exploration=summary["exploration"],
-                 **{k: float(v) for k, v in jax.device_get(probe(state, batch)).items()})
+      row.update(
+          sparsity=summary["sparsity"],
+          params_sparsity=summary["params_sparsity"],
+          pruned_nonzero=summary["pruned_nonzero"],
+          density_spread=summary["density_spread"],
+          exploration=summary["exploration"],
+          **{
+              k: float(v)
+              for k, v in jax.device_get(probe(state, batch)).items()
+          },
+      )
     metrics_log.append(row)
     if is_main:
-      bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in row.items()))
+      bar.write(
+          " ".join(
+              f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+              for k, v in row.items()
+          )
+      )
     return row
 
   if start == 0:  # a point before training, probed on the first batch
@@ -428,16 +630,32 @@ def _run_locked(cfg, workdir, mesh, *, resume, stop_at, progress, async_checkpoi
     state, metrics = train_step(state, batch, setup.is_mask_update(step - 1))
     pending.append(metrics)
     seen_images += cfg.batch_size
-    if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == last_step:
-      train = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+    if (
+        step % cfg.log_every == 0
+        or step % cfg.eval_every == 0
+        or step == last_step
+    ):
+      train = {
+          k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+          for k in pending[0]
+      }
       throughput = seen_images / (time.time() - t_mark)
-      bar.set_postfix(loss=f"{train['loss']:.3f}", acc=f"{train['accuracy']:.3f}",
-                      img_s=f"{throughput:.0f}")
+      bar.set_postfix(
+          loss=f"{train['loss']:.3f}",
+          acc=f"{train['accuracy']:.3f}",
+          img_s=f"{throughput:.0f}",
+      )
       bar.update(step - bar.n)
     if step % cfg.eval_every == 0 or step == setup.num_steps:
-      row = record(step, batch, {"train_loss": train["loss"],
-                                 "train_accuracy": train["accuracy"],
-                                 "images_per_s": throughput})
+      row = record(
+          step,
+          batch,
+          {
+              "train_loss": train["loss"],
+              "train_accuracy": train["accuracy"],
+              "images_per_s": throughput,
+          },
+      )
     if step % cfg.log_every == 0:
       pending, seen_images, t_mark = [], 0, time.time()
     ckpt.save(step, state, force=step == last_step)
@@ -452,10 +670,14 @@ def _run_locked(cfg, workdir, mesh, *, resume, stop_at, progress, async_checkpoi
 
 # One line per TrainConfig field for --help; the preset gives the defaults.
 FLAG_HELP = {
-    "dataset": "fashion_mnist (offline), cifar10, cifar100 or imagenet2012 (TFDS)",
+    "dataset": (
+        "fashion_mnist (offline), cifar10, cifar100 or imagenet2012 (TFDS)"
+    ),
     "model": "resnet20/32/56 (CIFAR) or resnet18/50 (ImageNet)",
     "width": "channels of the first stage (the model's own if unset)",
-    "data_dir": "where the data lives (IDX files for fashion_mnist, a TFDS data_dir)",
+    "data_dir": (
+        "where the data lives (IDX files for fashion_mnist, a TFDS data_dir)"
+    ),
     "train_subset": "train on the first N training examples only",
     "batch_size": "global batch, over all devices and processes",
     "epochs": "training length in epochs (unless --steps)",
@@ -470,14 +692,20 @@ FLAG_HELP = {
     "sparsity": "target fraction of zeros over the sparse leaves",
     "distribution": "layer budgets: uniform, erk or er",
     "topology": "rigl, set or static",
-    "skew": "skew correction: density (the paper), bn (BatchNorm variance) or none",
+    "skew": (
+        "skew correction: density (the paper), bn (BatchNorm variance) or none"
+    ),
     "grow_with": "gradient RigL grows by: raw or corrected",
     "update_every": "Delta-T: steps between mask updates",
-    "drop_fraction": "alpha: fraction of active weights replaced at the first update",
+    "drop_fraction": (
+        "alpha: fraction of active weights replaced at the first update"
+    ),
     "end_fraction": "no mask updates after this fraction of training",
     "dense_stem": "keep the first conv dense (RigL's ImageNet recipe)",
     "dtype": "computation dtype of the model: float32 or bfloat16",
-    "model_parallel": "devices on the mesh's 'model' axis (kernels' output axes sharded)",
+    "model_parallel": (
+        "devices on the mesh's 'model' axis (kernels' output axes sharded)"
+    ),
     "seed": "seed of the init, the masks, the data order and the topology",
     "eval_every": "steps between evaluations (a metrics.jsonl row each)",
     "checkpoint_every": "steps between checkpoints",
@@ -490,22 +718,37 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
   for field in dataclasses.fields(presets.TrainConfig):
     flag = "--" + field.name.replace("_", "-")
     default = getattr(defaults, field.name)
-    help_ = (f"{FLAG_HELP[field.name]} (default: the preset's; "
-             f"fashion_mnist_resnet20: {'none' if default is None else default})")
+    help_ = (
+        f"{FLAG_HELP[field.name]} (default: the preset's; "
+        f"fashion_mnist_resnet20: {'none' if default is None else default})"
+    )
     if field.type in ("bool", bool):
-      parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+      parser.add_argument(
+          flag, action=argparse.BooleanOptionalAction, default=None, help=help_
+      )
     elif field.name == "skew":
-      parser.add_argument(flag, choices=["density", "bn", "none"], default=None, help=help_)
+      parser.add_argument(
+          flag, choices=["density", "bn", "none"], default=None, help=help_
+      )
     else:
       kind = field.type if isinstance(field.type, str) else field.type.__name__
-      cast = int if kind.startswith("int") else float if kind.startswith("float") else str
+      cast = (
+          int
+          if kind.startswith("int")
+          else float
+          if kind.startswith("float")
+          else str
+      )
       parser.add_argument(flag, type=cast, default=None, help=help_)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
   """The config fields given on the command line."""
-  overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(presets.TrainConfig)
-               if getattr(args, f.name) is not None}
+  overrides = {
+      f.name: getattr(args, f.name)
+      for f in dataclasses.fields(presets.TrainConfig)
+      if getattr(args, f.name) is not None
+  }
   if overrides.get("skew") == "none":
     overrides["skew"] = None
   return overrides
@@ -517,35 +760,72 @@ def config_from_args(args: argparse.Namespace) -> presets.TrainConfig:
 
 def train_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="sparseopt-train", description="Train a (sparse) ResNet with SparseOpt.",
-      epilog="Subcommand: sparseopt-train plot RUN_DIR [RUN_DIR ...] --out FILE.png")
-  parser.add_argument("--preset", default="fashion_mnist_resnet20",
-                      help=f"one of {sorted(presets.PRESETS)} (default: %(default)s)")
-  parser.add_argument("--workdir", required=True,
-                      help="directory of the run: config, metrics, checkpoints")
-  parser.add_argument("--resume", action="store_true",
-                      help="continue the run in --workdir from its last checkpoint, with its "
-                           f"stored config (only {', '.join(workdir_lib.SAFE_ON_RESUME)} may "
-                           "change)")
-  parser.add_argument("--stop-at", type=int, default=None,
-                      help="stop after this step as if interrupted (then --resume)")
-  parser.add_argument("--distributed", action="store_true",
-                      help="call jax.distributed.initialize() (multi-host)")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+      prog="sparseopt-train",
+      description="Train a (sparse) ResNet with SparseOpt.",
+      epilog=(
+          "Subcommand: sparseopt-train plot RUN_DIR [RUN_DIR ...] --out"
+          " FILE.png"
+      ),
+  )
+  parser.add_argument(
+      "--preset",
+      default="fashion_mnist_resnet20",
+      help=f"one of {sorted(presets.PRESETS)} (default: %(default)s)",
+  )
+  parser.add_argument(
+      "--workdir",
+      required=True,
+      help="directory of the run: config, metrics, checkpoints",
+  )
+  parser.add_argument(
+      "--resume",
+      action="store_true",
+      help=(
+          "continue the run in --workdir from its last checkpoint, with its "
+          f"stored config (only {', '.join(workdir_lib.SAFE_ON_RESUME)} may "
+          "change)"
+      ),
+  )
+  parser.add_argument(
+      "--stop-at",
+      type=int,
+      default=None,
+      help="stop after this step as if interrupted (then --resume)",
+  )
+  parser.add_argument(
+      "--distributed",
+      action="store_true",
+      help="call jax.distributed.initialize() (multi-host)",
+  )
+  parser.add_argument(
+      "--no-progress", action="store_true", help="no progress bar"
+  )
   _config_flags(parser)
   return parser
 
 
 def plot_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="sparseopt-train plot",
-                                   description="Plot runs' metrics against step into one PNG.")
+  parser = argparse.ArgumentParser(
+      prog="sparseopt-train plot",
+      description="Plot runs' metrics against step into one PNG.",
+  )
   parser.add_argument("runs", nargs="+", help="workdirs holding metrics.jsonl")
-  parser.add_argument("--out", required=True, help="image file (.png if no extension)")
-  parser.add_argument("--metric", default="test_accuracy",
-                      help="a metrics.jsonl field (default: %(default)s)")
-  parser.add_argument("--labels", nargs="*", default=None, help="one legend label per run")
-  parser.add_argument("--title", default=None,
-                      help="figure title (default: data set, model, sparsity and steps)")
+  parser.add_argument(
+      "--out", required=True, help="image file (.png if no extension)"
+  )
+  parser.add_argument(
+      "--metric",
+      default="test_accuracy",
+      help="a metrics.jsonl field (default: %(default)s)",
+  )
+  parser.add_argument(
+      "--labels", nargs="*", default=None, help="one legend label per run"
+  )
+  parser.add_argument(
+      "--title",
+      default=None,
+      help="figure title (default: data set, model, sparsity and steps)",
+  )
   return parser
 
 
@@ -554,20 +834,32 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if argv[:1] == ["plot"]:
       args = plot_parser().parse_args(argv[1:])
-      print(plotting.plot_runs(args.runs, args.out, args.metric, args.labels, args.title))
+      print(
+          plotting.plot_runs(
+              args.runs, args.out, args.metric, args.labels, args.title
+          )
+      )
       return 0
     args = train_parser().parse_args(argv)
     try:
-      cfg = (workdir_lib.config_for_resume(args.workdir, overrides_from_args(args))
-             if args.resume else None) or config_from_args(args)
+      cfg = (
+          workdir_lib.config_for_resume(args.workdir, overrides_from_args(args))
+          if args.resume
+          else None
+      ) or config_from_args(args)
     except workdir_lib.UserError:
       raise
     except ValueError as e:
       train_parser().error(str(e))
     if args.distributed:
       jax.distributed.initialize()
-    _, row = run(cfg, args.workdir, resume=args.resume, stop_at=args.stop_at,
-                 progress=not args.no_progress)
+    _, row = run(
+        cfg,
+        args.workdir,
+        resume=args.resume,
+        stop_at=args.stop_at,
+        progress=not args.no_progress,
+    )
   except (workdir_lib.UserError, data.DataError, plotting.PlotError) as e:
     print(f"sparseopt-train: error: {e}", file=sys.stderr)
     return 2

@@ -11,32 +11,37 @@ from sparseopt_jax.checks import check_choice, check_fraction, check_int
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Everything a training run depends on; every field is a command-line flag."""
+
   dataset: str = "fashion_mnist"
   model: str = "resnet20"
-  width: int | None = None           # channels of the first stage (None: the model's own)
+  width: int | None = (
+      None  # channels of the first stage (None: the model's own)
+  )
   data_dir: str | None = None
-  train_subset: int | None = None    # first N training examples only
-  batch_size: int = 128              # global, over all devices and processes
+  train_subset: int | None = None  # first N training examples only
+  batch_size: int = 128  # global, over all devices and processes
   epochs: float = 1.0
-  steps: int | None = None           # overrides epochs
+  steps: int | None = None  # overrides epochs
   learning_rate: float = 0.1
   warmup_epochs: float = 0.0
   momentum: float = 0.9
   nesterov: bool = False
   weight_decay: float = 5e-4
   label_smoothing: float = 0.0
-  dense: bool = False                # plain SGD on the dense model, no sparseopt
+  dense: bool = False  # plain SGD on the dense model, no sparseopt
   sparsity: float = 0.9
   distribution: str = "erk"
   topology: str = "rigl"
-  skew: str | None = "density"       # "density" | "bn" | None
+  skew: str | None = "density"  # "density" | "bn" | None
   grow_with: str = "raw"
   update_every: int = 100
   drop_fraction: float = 0.3
-  end_fraction: float = 0.75         # no mask updates after this fraction of training
-  dense_stem: bool = False           # keep the first conv dense (RigL's ImageNet recipe)
-  dtype: str = "float32"             # computation dtype of the model
-  model_parallel: int = 1            # devices on the mesh's 'model' axis (kernels' output axis)
+  end_fraction: float = 0.75  # no mask updates after this fraction of training
+  dense_stem: bool = False  # keep the first conv dense (RigL's ImageNet recipe)
+  dtype: str = "float32"  # computation dtype of the model
+  model_parallel: int = (
+      1  # devices on the mesh's 'model' axis (kernels' output axis)
+  )
   seed: int = 0
   eval_every: int = 500
   checkpoint_every: int = 1000
@@ -51,8 +56,14 @@ class TrainConfig:
     check_choice("dtype", self.dtype, ("float32", "bfloat16"))
     check_fraction("end_fraction", self.end_fraction, closed=True)
     check_fraction("drop_fraction", self.drop_fraction, closed=True)
-    for name in ("batch_size", "update_every", "eval_every", "checkpoint_every", "log_every",
-                 "model_parallel"):
+    for name in (
+        "batch_size",
+        "update_every",
+        "eval_every",
+        "checkpoint_every",
+        "log_every",
+        "model_parallel",
+    ):
       check_int(name, getattr(self, name), 1)
     if self.steps is not None:
       check_int("steps", self.steps, 1)
@@ -65,31 +76,75 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     # The offline default: a short real run on 2 CPU cores (about 3 minutes).
     "fashion_mnist_resnet20": TrainConfig(
-        dataset="fashion_mnist", model="resnet20", batch_size=128, steps=300,
-        learning_rate=0.1, momentum=0.9, weight_decay=5e-4, sparsity=0.9, distribution="erk",
-        topology="rigl", update_every=25, drop_fraction=0.3, end_fraction=0.75,
-        eval_every=50, checkpoint_every=100),
+        dataset="fashion_mnist",
+        model="resnet20",
+        batch_size=128,
+        steps=300,
+        learning_rate=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        sparsity=0.9,
+        distribution="erk",
+        topology="rigl",
+        update_every=25,
+        drop_fraction=0.3,
+        end_fraction=0.75,
+        eval_every=50,
+        checkpoint_every=100,
+    ),
     # The paper's CIFAR-100 set-up (sec. 5; 90/95/97% with --sparsity, 100-500 epochs).
     "cifar100_resnet20": TrainConfig(
-        dataset="cifar100", model="resnet20", batch_size=128, epochs=100, learning_rate=0.1,
-        momentum=0.9, weight_decay=5e-4, sparsity=0.9, distribution="erk", topology="rigl",
-        update_every=100, drop_fraction=0.3, end_fraction=0.75, eval_every=1000,
-        checkpoint_every=2000),
+        dataset="cifar100",
+        model="resnet20",
+        batch_size=128,
+        epochs=100,
+        learning_rate=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        sparsity=0.9,
+        distribution="erk",
+        topology="rigl",
+        update_every=100,
+        drop_fraction=0.3,
+        end_fraction=0.75,
+        eval_every=1000,
+        checkpoint_every=2000,
+    ),
     # The paper's ImageNet set-up: RigL's ResNet-50 recipe, first conv dense.
     "imagenet_resnet50": TrainConfig(
-        dataset="imagenet2012", model="resnet50", batch_size=1024, epochs=90,
-        learning_rate=0.4, warmup_epochs=5, momentum=0.9, nesterov=True, weight_decay=1e-4,
-        label_smoothing=0.1, sparsity=0.9, distribution="erk", topology="rigl",
-        update_every=100, drop_fraction=0.3, end_fraction=0.75, dense_stem=True,
-        dtype="bfloat16", eval_every=5000, checkpoint_every=5000),
+        dataset="imagenet2012",
+        model="resnet50",
+        batch_size=1024,
+        epochs=90,
+        learning_rate=0.4,
+        warmup_epochs=5,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=1e-4,
+        label_smoothing=0.1,
+        sparsity=0.9,
+        distribution="erk",
+        topology="rigl",
+        update_every=100,
+        drop_fraction=0.3,
+        end_fraction=0.75,
+        dense_stem=True,
+        dtype="bfloat16",
+        eval_every=5000,
+        checkpoint_every=5000,
+    ),
 }
 
 
 def get_preset(name: str, **overrides) -> TrainConfig:
   """The preset ``name`` with ``overrides`` (field -> value) applied."""
   if name not in PRESETS:
-    raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
-  unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
+    raise ValueError(
+        f"unknown preset {name!r}; known presets: {sorted(PRESETS)}"
+    )
+  unknown = sorted(
+      set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
+  )
   if unknown:
     raise ValueError(f"unknown config fields {unknown}")
   return dataclasses.replace(PRESETS[name], **overrides)

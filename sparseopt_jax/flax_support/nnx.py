@@ -48,7 +48,9 @@ def nnx_batch_stats(model: Any, filter: Any = nnx.BatchStat) -> nnx.State:
   return nnx.as_pure(nnx.state(model, filter))
 
 
-def remask(model: Any, optimizer: nnx.Optimizer, *, mask_update: bool | None = True) -> None:
+def remask(
+    model: Any, optimizer: nnx.Optimizer, *, mask_update: bool | None = True
+) -> None:
   """Zero the pruned weights of ``model`` and their entries in ``optimizer.opt_state``.
 
   Call it after ``optimizer.update(model, grads)`` of a plain ``nnx.Optimizer``
@@ -70,10 +72,13 @@ def remask(model: Any, optimizer: nnx.Optimizer, *, mask_update: bool | None = T
     nnx.update(optimizer.opt_state, nnx.state(new_opt_state, graph=graph))
 
 
-def _init_on_arrays(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+def _init_on_arrays(
+    tx: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
   """``tx`` whose ``init`` strips ``nnx.Variable`` wrappers first (update unchanged)."""
-  return optax.GradientTransformationExtraArgs(lambda params: tx.init(nnx.as_pure(params)),
-                                               tx.update)
+  return optax.GradientTransformationExtraArgs(
+      lambda params: tx.init(nnx.as_pure(params)), tx.update
+  )
 
 
 class SparseOptimizer(nnx.Optimizer):
@@ -92,8 +97,14 @@ class SparseOptimizer(nnx.Optimizer):
   The masks are ``so.get_masks(nnx.as_pure(optimizer.opt_state))``.
   """
 
-  def __init__(self, model: Any, tx: optax.GradientTransformation, *, wrt: Any,
-               graph: bool | None = None):
+  def __init__(
+      self,
+      model: Any,
+      tx: optax.GradientTransformation,
+      *,
+      wrt: Any,
+      graph: bool | None = None,
+  ):
     super().__init__(model, _init_on_arrays(tx), wrt=wrt, graph=graph)
     self.tx = tx
     remask(model, self)
