@@ -6,6 +6,9 @@ import dataclasses
 
 from sparseopt_jax import budgets
 from sparseopt_jax.checks import check_choice, check_fraction, check_int
+from sparseopt_jax.composite import GROW_WITH
+from sparseopt_jax.skew import SKEW_MODES
+from sparseopt_jax.topology import TOPOLOGIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +53,9 @@ class TrainConfig:
   def __post_init__(self):
     budgets.check_sparsity(self.sparsity)
     budgets.check_distribution(self.distribution)
-    check_choice("topology", self.topology, ("rigl", "set", "static"))
-    check_choice("skew", self.skew, ("density", "bn", None))
-    check_choice("grow_with", self.grow_with, ("raw", "corrected"))
+    check_choice("topology", self.topology, TOPOLOGIES)
+    check_choice("skew", self.skew, (*SKEW_MODES, None))
+    check_choice("grow_with", self.grow_with, GROW_WITH)
     check_choice("dtype", self.dtype, ("float32", "bfloat16"))
     check_fraction("end_fraction", self.end_fraction, closed=True)
     check_fraction("drop_fraction", self.drop_fraction, closed=True)
