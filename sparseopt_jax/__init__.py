@@ -20,6 +20,7 @@ from sparseopt_jax.diagnostics import (
     skew_slope,
     sparsity_summary,
 )
+from sparseopt_jax.ham import HamState, ham
 from sparseopt_jax.masking import (
     MaskState,
     apply_masks,
@@ -59,6 +60,7 @@ def __dir__():
 
 
 __all__ = [
+    "HamState",
     "MaskState",
     "SkewState",
     "SparseOptState",
@@ -68,6 +70,7 @@ __all__ = [
     "apply_updates",
     "check_sparsity",
     "get_masks",
+    "ham",
     "is_mask_update_step",
     "layer_sparsities",
     "leaf_skew_slope",
