@@ -300,3 +300,76 @@ def test_pruned_weights_stay_exactly_zero_in_a_sparseopt_chain_jitted(
       p, b, s, _, _ = run(p, b, s, batch)
     ends.append(p["Conv_0"]["kernel"])
   assert not np.allclose(*ends)
+
+
+def _cli_config(tmp_path):
+  from sparseopt_jax.training import train
+
+  args = train.train_parser().parse_args([
+      "--workdir",
+      str(tmp_path / "run"),
+      "--ham",
+      "--ham-alpha",
+      "100",
+      "--width",
+      "4",
+      "--steps",
+      "20",
+      "--batch-size",
+      "64",
+      "--train-subset",
+      "2048",
+      "--eval-every",
+      "10",
+      "--update-every",
+      "5",
+  ])
+  return train.config_from_args(args)
+
+
+def _ham_states(opt_state):
+  return [
+      s
+      for s in jax.tree.leaves(
+          opt_state, is_leaf=lambda x: isinstance(x, so.HamState)
+      )
+      if isinstance(s, so.HamState)
+  ]
+
+
+def test_ham_flag_wraps_the_sgd_part_of_the_training_chain(tmp_path):
+  from sparseopt_jax.training import presets, train
+
+  cfg = _cli_config(tmp_path)
+  assert (cfg.ham, cfg.ham_alpha, cfg.ham_beta) == (True, 100.0, 1e-3)
+  with pytest.raises(ValueError, match="ham_beta must be >= 0"):
+    presets.get_preset("fashion_mnist_resnet20", ham_beta=-1.0)
+  params = {
+      "conv": {"kernel": jnp.ones((3, 3, 4, 8))},
+      "bn": {"scale": jnp.ones(8)},
+  }
+  for dense in (False, True):
+    tx = train.build_optimizer(
+        presets.get_preset("fashion_mnist_resnet20", ham=True, dense=dense),
+        100,
+        10,
+        bn_pairs={"conv/kernel": None},
+    )
+    state = tx.init(params)
+    assert len(_ham_states(state)) == 1
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    assert all(jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.slow
+def test_ham_flag_builds_the_chain_and_trains_end_to_end(tmp_path):
+  from sparseopt_jax.training import train
+
+  cfg = _cli_config(tmp_path)
+  state, row = train.run(
+      cfg, str(tmp_path / "run"), progress=False, num_devices=1
+  )
+  assert np.isfinite(row["test_loss"]) and row["train_loss"] < 2.3
+  assert row["pruned_nonzero"] == 0
+  hams = _ham_states(state.opt_state)
+  assert len(hams) == 1 and int(hams[0].count) == 20

@@ -41,6 +41,9 @@ class TrainConfig:
   drop_fraction: float = 0.3
   end_fraction: float = 0.75  # no mask updates after this fraction of training
   dense_stem: bool = False  # keep the first conv dense (RigL's ImageNet recipe)
+  ham: bool = False  # HAM's hyperbolic step after SGD (so.ham)
+  ham_alpha: float = 200.0  # HAM's gradient-sign coupling alpha
+  ham_beta: float = 1e-3  # HAM's decay beta
   dtype: str = "float32"  # computation dtype of the model
   model_parallel: int = (
       1  # devices on the mesh's 'model' axis (kernels' output axis)
@@ -74,6 +77,9 @@ class TrainConfig:
       raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
     if not self.learning_rate > 0:
       raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+    for name in ("ham_alpha", "ham_beta"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
 
 PRESETS: dict[str, TrainConfig] = {

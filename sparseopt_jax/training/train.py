@@ -106,15 +106,26 @@ def build_optimizer(
     steps_per_epoch: int,
     bn_pairs: dict,
 ) -> optax.GradientTransformation:
-  """``chain(sparseopt(...), add_decayed_weights, sgd)``; no sparseopt for ``--dense``."""
+  """``chain(sparseopt(...), add_decayed_weights, sgd)``; no sparseopt for ``--dense``.
+
+  With ``--ham`` the optimizer part is ``so.ham(chain(add_decayed_weights,
+  sgd), lr)``: HAM's hyperbolic step follows each SGD step, driven by the
+  gradient SGD received (SparseOpt's corrected one) and the same schedule.
+  """
+  schedule = lr_schedule(cfg, num_steps, steps_per_epoch)
   inner = [
       optax.add_decayed_weights(cfg.weight_decay),
-      optax.sgd(
-          lr_schedule(cfg, num_steps, steps_per_epoch),
-          momentum=cfg.momentum,
-          nesterov=cfg.nesterov,
-      ),
+      optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov),
   ]
+  if cfg.ham:
+    inner = [
+        so.ham(
+            optax.chain(*inner),
+            schedule,
+            alpha=cfg.ham_alpha,
+            beta=cfg.ham_beta,
+        )
+    ]
   if cfg.dense:
     return optax.chain(*inner)
   sparse_filter = None
@@ -702,6 +713,11 @@ FLAG_HELP = {
     ),
     "end_fraction": "no mask updates after this fraction of training",
     "dense_stem": "keep the first conv dense (RigL's ImageNet recipe)",
+    "ham": (
+        "HAM: a hyperbolic step after each SGD step (Jacobs et al., ICLR 2026)"
+    ),
+    "ham_alpha": "HAM's gradient-sign coupling alpha",
+    "ham_beta": "HAM's decay beta",
     "dtype": "computation dtype of the model: float32 or bfloat16",
     "model_parallel": (
         "devices on the mesh's 'model' axis (kernels' output axes sharded)"
