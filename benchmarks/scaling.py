@@ -78,7 +78,8 @@ import numpy as np
 
 import sparseopt_jax as so
 from sparseopt_jax import tree as tree_lib
-from sparseopt_jax.training import data, presets, train
+from sparseopt_jax.training import input as input_lib
+from sparseopt_jax.training import presets, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_info, save_figure, save_results  # noqa: E402  (benchmarks/ is not a package)
@@ -530,7 +531,7 @@ def main(argv: list[str] | None = None) -> dict:
   )
   machine = machine_info()  # load average and date at the start
   t_start = time.perf_counter()
-  dataset = data.load(
+  dataset = input_lib.load(
       cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset
   )
   setup = train.make_setup(

@@ -13,7 +13,7 @@ Set-up: ``presets.get_preset('fashion_mnist_resnet20')`` (ResNet-20, 90% ERK,
 RigL every 25 steps, momentum SGD, batch 128) with ``skew=None`` (the
 uncorrected baseline; ``--skew`` to train with a correction), built with the
 training program's own ``train.make_setup`` / ``create_train_state`` /
-``jit_steps`` / ``shard_batch`` and ``data.load``. The slopes are measured at
+``jit_steps`` / ``shard_batch`` and ``input_lib.load``. The slopes are measured at
 initialisation and after ``--steps`` training steps, on the same
 ``--probe-batches`` training batches (a stream seeded apart from the training
 one), for
@@ -57,7 +57,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sparseopt_jax as so
-from sparseopt_jax.training import data, presets, train
+from sparseopt_jax.training import input as input_lib
+from sparseopt_jax.training import presets, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_info, save_results  # noqa: E402  (benchmarks/ is not a package)
@@ -516,7 +517,7 @@ def main(argv: list[str] | None = None) -> dict:
   t_start = time.perf_counter()
   mesh = train.make_mesh(args.devices)
   train.check_batch_size(cfg.batch_size, mesh)
-  dataset = data.load(
+  dataset = input_lib.load(
       cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset
   )
   setup = train.make_setup(

@@ -57,7 +57,8 @@ from jax.sharding import PartitionSpec as P
 
 import sparseopt_jax as so
 from sparseopt_jax.topology import TopologyState
-from sparseopt_jax.training import data, presets, train
+from sparseopt_jax.training import input as input_lib
+from sparseopt_jax.training import presets, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_info, save_figure  # noqa: E402  (benchmarks/ is not a package)
@@ -235,7 +236,7 @@ class Arm:
   ):
     self.name = name
     overrides, self.mask_update = arm
-    info = data.DatasetInfo(
+    info = input_lib.DatasetInfo(
         "synthetic",
         spec.image_shape,
         spec.num_classes,
@@ -357,7 +358,7 @@ def _with_step(opt_state: Any, step: int) -> Any:
 
 def init_costs(spec: ModelSpec, dtype: str, seed: int = 0) -> dict[str, float]:
   """Eager ``model.init`` vs eager ``tx.init`` of the RigL arm, as a new user calls them."""
-  info = data.DatasetInfo(
+  info = input_lib.DatasetInfo(
       "synthetic",
       spec.image_shape,
       spec.num_classes,

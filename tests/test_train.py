@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import sparseopt_jax as so
-from sparseopt_jax.training import data, presets, train
+from sparseopt_jax.training import input as input_lib
+from sparseopt_jax.training import presets, train
 
 TINY = dict(
     width=4,
@@ -133,7 +134,7 @@ def test_eight_devices_match_one_device():
   1e-4). The claim tested is sharding correctness, not bitwise equality."""
   assert jax.device_count() >= 8
   cfg = tiny(steps=10, update_every=2)
-  info = data.DatasetInfo("fashion_mnist", (28, 28, 1), 10, 4096, 10000)
+  info = input_lib.DatasetInfo("fashion_mnist", (28, 28, 1), 10, 4096, 10000)
   setup = train.make_setup(cfg, info, steps_per_epoch=4096 // 64)
   rng = np.random.default_rng(0)
   batches = [
@@ -210,7 +211,7 @@ def test_model_parallel_run_matches_data_parallel(
 
 
 def _setup_of(cfg):
-  info = data.DatasetInfo("fashion_mnist", (28, 28, 1), 10, 60000, 10000)
+  info = input_lib.DatasetInfo("fashion_mnist", (28, 28, 1), 10, 60000, 10000)
   return (
       train.make_setup(cfg, info, steps_per_epoch=60000 // cfg.batch_size),
       info.image_shape,
@@ -240,15 +241,15 @@ def test_workdir_with_checkpoints_needs_resume(tmp_path):
 
 
 def test_missing_or_corrupt_data_fails_before_training(tmp_path):
-  with pytest.raises(data.DataError, match="train-images"):
+  with pytest.raises(input_lib.DataError, match="train-images"):
     run(tiny(data_dir=str(tmp_path)), tmp_path / "w1")
-  src = data.FASHION_MNIST_DIR
+  src = input_lib.FASHION_MNIST_DIR
   for name in os.listdir(src):
     (tmp_path / name).write_bytes(open(os.path.join(src, name), "rb").read())
   (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(
       gzip.compress(b"\x00\x00\x08\x01garbage")
   )
-  with pytest.raises(data.DataError, match="train-labels"):
+  with pytest.raises(input_lib.DataError, match="train-labels"):
     run(tiny(data_dir=str(tmp_path)), tmp_path / "w2")
   assert not (tmp_path / "w2" / "checkpoints").exists()
 
@@ -269,7 +270,7 @@ def test_unknown_preset_or_bad_flag_is_a_clear_cli_error(tmp_path, capsys):
 
 
 def test_the_corrected_skew_metric_measures_the_correction_that_ran():
-  info = data.DatasetInfo("fashion_mnist", (28, 28, 1), 10, 4096, 10000)
+  info = input_lib.DatasetInfo("fashion_mnist", (28, 28, 1), 10, 4096, 10000)
   rng = np.random.default_rng(0)
   batch = {
       "image": rng.normal(size=(32, 28, 28, 1)).astype(np.float32),

@@ -37,11 +37,11 @@ import sparseopt_jax as so
 from sparseopt_jax.flax_support import linen as linen_bridge
 from sparseopt_jax.training import (
     checkpointing,
-    data,
     models,
     plotting,
     presets,
 )
+from sparseopt_jax.training import input as input_lib
 from sparseopt_jax.training import workdir as workdir_lib
 
 STEM_KERNEL = "conv_init/kernel"
@@ -84,7 +84,7 @@ class Setup:
 # Model and optimizer
 
 
-def build_model(cfg: presets.TrainConfig, info: data.DatasetInfo):
+def build_model(cfg: presets.TrainConfig, info: input_lib.DatasetInfo):
   kwargs = {"num_classes": info.num_classes, "dtype": jnp.dtype(cfg.dtype)}
   if cfg.width is not None:
     kwargs["num_filters"] = cfg.width
@@ -152,7 +152,7 @@ def build_optimizer(
 
 
 def make_setup(
-    cfg: presets.TrainConfig, info: data.DatasetInfo, steps_per_epoch: int
+    cfg: presets.TrainConfig, info: input_lib.DatasetInfo, steps_per_epoch: int
 ) -> Setup:
   """Model, optimizer and schedule of a run on data described by ``info``."""
   model = build_model(cfg, info)
@@ -534,7 +534,7 @@ def _run_locked(
     log,
 ) -> tuple[TrainState, dict]:
   # The data first: missing or corrupt files fail before anything is written.
-  dataset = data.load(
+  dataset = input_lib.load(
       cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset
   )
   ckpt = checkpointing.Checkpointer(
@@ -876,7 +876,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_at=args.stop_at,
         progress=not args.no_progress,
     )
-  except (workdir_lib.UserError, data.DataError, plotting.PlotError) as e:
+  except (workdir_lib.UserError, input_lib.DataError, plotting.PlotError) as e:
     print(f"sparseopt-train: error: {e}", file=sys.stderr)
     return 2
   print(json.dumps(row))

@@ -1,18 +1,20 @@
-"""Tests for sparseopt_jax.training.data (input pipelines)."""
+"""Tests for sparseopt_jax.training.input (the Grain input pipelines)."""
 
 from __future__ import annotations
 
 import gzip
+import io
 import itertools
 import os
 
+import grain
 import numpy as np
 import pytest
 
-from sparseopt_jax.training import data
-from sparseopt_jax.training.data import DataError, DatasetInfo
+from sparseopt_jax.training import input as input_lib
+from sparseopt_jax.training.input import DataError, DatasetInfo
 
-FMNIST_DIR = data.FASHION_MNIST_DIR
+FMNIST_DIR = input_lib.FASHION_MNIST_DIR
 needs_fmnist = pytest.mark.skipif(
     not os.path.isfile(os.path.join(FMNIST_DIR, "t10k-labels-idx1-ubyte.gz")),
     reason="Debian package dataset-fashion-mnist is not installed",
@@ -76,7 +78,7 @@ def _normalize(ds, images_uint8):
 
 @pytest.fixture(scope="module")
 def fmnist():
-  return data.load("fashion_mnist", process_index=0, process_count=1)
+  return input_lib.load("fashion_mnist", process_index=0, process_count=1)
 
 
 @pytest.fixture(scope="module")
@@ -169,26 +171,25 @@ def test_train_batches_are_crops_and_flips_of_a_permutation(
 ):
   batch_size, seed = 16, 7
   steps = fmnist.steps_per_epoch(batch_size)
-  # Each epoch visits a permutation of the training set (last partial batch dropped).
-  order = fmnist._epoch_order(seed, 0)
-  idx = np.concatenate(
-      [fmnist._step_indices(batch_size, seed, s, order) for s in range(steps)]
-  )
-  assert len(np.unique(idx)) == steps * batch_size
-  np.testing.assert_array_equal(idx, order[: steps * batch_size])
-  # The epoch order is a pure function of (seed, epoch).
-  np.testing.assert_array_equal(
-      fmnist._epoch_order(seed, 3), fmnist._epoch_order(seed, 3)
-  )
-  assert not np.array_equal(
-      fmnist._epoch_order(seed, 0), fmnist._epoch_order(seed, 1)
-  )
+  # Each epoch visits a permutation of the training set (last partial batch
+  # dropped), a different one each epoch, and a pure function of the seed.
+  order = fmnist.train_order(batch_size, seed=seed)
+  epochs = [
+      np.concatenate([order[s] for s in range(e * steps, (e + 1) * steps)])
+      for e in range(2)
+  ]
+  for keys in epochs:
+    assert keys.dtype.kind == "i" and keys.shape == (steps * batch_size,)
+    assert len(np.unique(keys)) == steps * batch_size
+  assert not np.array_equal(epochs[0], epochs[1])
+  again = fmnist.train_order(batch_size, seed=seed)
+  np.testing.assert_array_equal(again[3 * steps + 1], order[3 * steps + 1])
 
   step = steps + 2  # in the second epoch
   batch = _take(
       fmnist.train_batches(batch_size, seed=seed, start_step=step), 1
   )[0]
-  idx = fmnist._step_indices(batch_size, seed, step)
+  idx = order[step]
   np.testing.assert_array_equal(
       batch["label"], fmnist_reference["train_labels"][idx]
   )
@@ -222,7 +223,7 @@ def test_train_batches_are_crops_and_flips_of_a_permutation(
 
 @needs_fmnist
 def test_resume_from_start_step_across_epoch_boundary():
-  ds = data.load(
+  ds = input_lib.load(
       "fashion_mnist", train_subset=1000, process_index=0, process_count=1
   )
   assert ds.info.num_train == 1000 and ds.info.num_test == 10000
@@ -246,10 +247,12 @@ def test_resume_from_start_step_across_epoch_boundary():
   other = _take(ds.train_batches(batch_size, seed=seed + 1), 1)[0]
   assert not np.array_equal(other["label"], fresh[0]["label"])
   # train_subset uses only the first 1000 examples.
-  order = np.concatenate(
-      [ds._step_indices(batch_size, seed, s) for s in range(steps)]
-  )
-  assert order.max() < 1000
+  order = ds.train_order(batch_size, seed=seed)
+  assert max(order[s].max() for s in range(steps)) < 1000
+  # Random access: element t of the pipeline is the batch of step t.
+  pipeline = ds.train_dataset(batch_size, seed=seed)
+  for t in (0, start, 2 * steps + 9):
+    np.testing.assert_array_equal(pipeline[t]["image"], fresh[t]["image"])
 
 
 @needs_fmnist
@@ -258,11 +261,11 @@ def test_two_process_shards_concatenate_to_the_single_process_batch():
   (each with batch_size=b) == batch_t of one process with batch_size=2b, same seed,
   bit for bit including augmentation; the two shards hold disjoint examples."""
   b, seed = 32, 11
-  single = data.load(
+  single = input_lib.load(
       "fashion_mnist", train_subset=1000, process_index=0, process_count=1
   )
   shards = [
-      data.load(
+      input_lib.load(
           "fashion_mnist", train_subset=1000, process_index=p, process_count=2
       )
       for p in range(2)
@@ -272,13 +275,12 @@ def test_two_process_shards_concatenate_to_the_single_process_batch():
   n = steps + 3  # crosses an epoch boundary
   global_batches = _take(single.train_batches(2 * b, seed=seed), n)
   shard_batches = [_take(s.train_batches(b, seed=seed), n) for s in shards]
+  orders = [s.train_order(b, seed=seed) for s in shards]
+  single_order = single.train_order(2 * b, seed=seed)
   for t in range(n):
-    i0 = shards[0]._step_indices(b, seed, t)
-    i1 = shards[1]._step_indices(b, seed, t)
+    i0, i1 = orders[0][t], orders[1][t]
     assert not set(i0) & set(i1)
-    np.testing.assert_array_equal(
-        np.concatenate([i0, i1]), single._step_indices(2 * b, seed, t)
-    )
+    np.testing.assert_array_equal(np.concatenate([i0, i1]), single_order[t])
     for key in ("image", "label"):
       np.testing.assert_array_equal(
           np.concatenate([shard_batches[0][t][key], shard_batches[1][t][key]]),
@@ -308,7 +310,7 @@ def test_two_process_shards_concatenate_to_the_single_process_batch():
 
 def test_load_from_data_dir(tmp_path):
   arrays = _make_idx_dir(tmp_path, n_train=12, n_test=6)
-  ds = data.load(
+  ds = input_lib.load(
       "fashion_mnist", data_dir=str(tmp_path), process_index=0, process_count=1
   )
   assert ds.info == DatasetInfo("fashion_mnist", (28, 28, 1), 10, 12, 6)
@@ -340,7 +342,7 @@ def test_uncompressed_idx_files_are_accepted(tmp_path):
       _idx_bytes(arrays["train-labels-idx1-ubyte"]),
       False,
   )
-  ds = data.load(
+  ds = input_lib.load(
       "fashion_mnist", data_dir=str(tmp_path), process_index=0, process_count=1
   )
   assert ds.info.num_train == 12
@@ -349,7 +351,7 @@ def test_uncompressed_idx_files_are_accepted(tmp_path):
 def test_missing_directory(tmp_path):
   missing = tmp_path / "nowhere"
   with pytest.raises(DataError) as err:
-    data.load(
+    input_lib.load(
         "fashion_mnist", data_dir=str(missing), process_index=0, process_count=1
     )
   message = str(err.value)
@@ -364,7 +366,7 @@ def test_missing_file(tmp_path):
   _make_idx_dir(tmp_path)
   os.remove(tmp_path / "t10k-labels-idx1-ubyte.gz")
   with pytest.raises(DataError) as err:
-    data.load(
+    input_lib.load(
         "fashion_mnist",
         data_dir=str(tmp_path),
         process_index=0,
@@ -458,7 +460,7 @@ def test_corrupt_files_raise_data_error(tmp_path, kind):
   _make_idx_dir(tmp_path)
   name, expected = _corrupt(kind, tmp_path)
   with pytest.raises(DataError) as err:
-    data.load(
+    input_lib.load(
         "fashion_mnist",
         data_dir=str(tmp_path),
         process_index=0,
@@ -472,32 +474,32 @@ def test_corrupt_files_raise_data_error(tmp_path, kind):
 
 def test_unknown_dataset():
   with pytest.raises(ValueError) as err:
-    data.load("mnist", process_index=0, process_count=1)
+    input_lib.load("mnist", process_index=0, process_count=1)
   assert not isinstance(err.value, DataError)
   message = str(err.value)
   assert "'mnist'" in message
-  for name in data.KNOWN_DATASETS:
+  for name in input_lib.KNOWN_DATASETS:
     assert name in message
 
 
 def test_bad_arguments(tmp_path):
   _make_idx_dir(tmp_path, n_train=12)
   with pytest.raises(ValueError, match="process_index"):
-    data.load(
+    input_lib.load(
         "fashion_mnist",
         data_dir=str(tmp_path),
         process_index=2,
         process_count=2,
     )
   with pytest.raises(ValueError, match="train_subset"):
-    data.load(
+    input_lib.load(
         "fashion_mnist",
         data_dir=str(tmp_path),
         train_subset=13,
         process_index=0,
         process_count=1,
     )
-  ds = data.load(
+  ds = input_lib.load(
       "fashion_mnist", data_dir=str(tmp_path), process_index=0, process_count=1
   )
   with pytest.raises(ValueError, match="larger than the training set"):
@@ -512,7 +514,7 @@ def test_process_defaults_come_from_jax(tmp_path):
   import jax
 
   _make_idx_dir(tmp_path)
-  ds = data.load("fashion_mnist", data_dir=str(tmp_path))
+  ds = input_lib.load("fashion_mnist", data_dir=str(tmp_path))
   assert (ds.process_index, ds.process_count) == (
       jax.process_index(),
       jax.process_count(),
@@ -522,10 +524,10 @@ def test_process_defaults_come_from_jax(tmp_path):
 def test_fashion_mnist_tfds_fallback(tmp_path, monkeypatch):
   tfds = pytest.importorskip("tensorflow_datasets")
   monkeypatch.setattr(
-      data, "FASHION_MNIST_DIR", str(tmp_path / "not-installed")
+      input_lib.idx, "FASHION_MNIST_DIR", str(tmp_path / "not-installed")
   )
   with tfds.testing.mock_data(num_examples=24):
-    ds = data.load("fashion_mnist", process_index=0, process_count=1)
+    ds = input_lib.load("fashion_mnist", process_index=0, process_count=1)
   assert ds.info == DatasetInfo("fashion_mnist", (28, 28, 1), 10, 24, 24)
   batch = next(ds.train_batches(8, seed=0))
   assert (
@@ -539,11 +541,13 @@ def test_fashion_mnist_not_found_anywhere(tmp_path, monkeypatch):
     raise OSError("no internet")
 
   monkeypatch.setattr(
-      data, "FASHION_MNIST_DIR", str(tmp_path / "not-installed")
+      input_lib.idx, "FASHION_MNIST_DIR", str(tmp_path / "not-installed")
   )
-  monkeypatch.setattr(data, "_fashion_mnist_from_tfds", no_network)
+  monkeypatch.setattr(
+      input_lib.tfds_sources, "fashion_mnist_arrays", no_network
+  )
   with pytest.raises(DataError) as err:
-    data.load("fashion_mnist", process_index=0, process_count=1)
+    input_lib.load("fashion_mnist", process_index=0, process_count=1)
   message = str(err.value)
   assert (
       "apt-get install dataset-fashion-mnist" in message
@@ -560,7 +564,7 @@ def test_fashion_mnist_not_found_anywhere(tmp_path, monkeypatch):
 def test_cifar_under_mock_data(name, num_classes):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=10):
-    ds = data.load(name, process_index=0, process_count=1)
+    ds = input_lib.load(name, process_index=0, process_count=1)
     assert ds.info == DatasetInfo(name, (32, 32, 3), num_classes, 10, 10)
     assert ds.steps_per_epoch(4) == 2
     train = _take(ds.train_batches(4, seed=0), 3)  # crosses an epoch boundary
@@ -593,7 +597,7 @@ def test_cifar_under_mock_data(name, num_classes):
 def test_cifar_resume_under_mock_data():
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=20):
-    ds = data.load("cifar10", process_index=0, process_count=1)
+    ds = input_lib.load("cifar10", process_index=0, process_count=1)
     steps = ds.steps_per_epoch(4)
     assert steps == 5
     fresh = _take(ds.train_batches(4, seed=5), 2 * steps + 2)
@@ -614,7 +618,7 @@ def test_cifar_resume_under_mock_data():
 def test_imagenet_under_mock_data():
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=4):
-    ds = data.load("imagenet2012", process_index=0, process_count=1)
+    ds = input_lib.load("imagenet2012", process_index=0, process_count=1)
     assert ds.info == DatasetInfo("imagenet2012", (224, 224, 3), 1000, 4, 4)
     train = next(ds.train_batches(2, seed=0))
     evals = list(ds.eval_batches(3))
@@ -644,28 +648,29 @@ def test_imagenet_under_mock_data():
 # ---------------------------------------------------------------- TFDS on real (tiny) files
 
 
-@pytest.fixture(scope="module")
-def tiny_cifar10_dir(tmp_path_factory):
-  """A real prepared TFDS `cifar10` directory with 44 train / 11 test examples.
+def _build_tiny_cifar10(data_dir, file_format, n_train=44, n_test=11):
+  """Prepares a real TFDS `cifar10` in ``data_dir`` with constant images.
 
-  Example ``k`` (train: k = 0..43, test: k = 100..110) is a constant image of
-  value ``k`` with label ``k % 10``, so it can be identified after augmentation
-  from its centre pixel.  TFDS's own generation (which shuffles records) is
-  run with the download step stubbed out (no network; the stub also sidesteps
-  tfds needing `importlib_resources` to find checksums for downloads).
+  Example ``k`` (train: k = 0..n_train-1, test: k = 100..) is a constant image
+  of value ``k`` with label ``k % 10``, so it can be identified after
+  augmentation from its centre pixel.  TFDS's own generation (which shuffles
+  records) is run with the download step stubbed out (no network; the stub
+  also sidesteps tfds needing `importlib_resources` to find checksums).
   """
   tfds = pytest.importorskip("tensorflow_datasets")
   from unittest import mock
 
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  builder = tfds.builder("cifar10", data_dir=data_dir)
+  builder = tfds.builder("cifar10", data_dir=data_dir, file_format=file_format)
 
   def examples(ids):
     for k in ids:
       image = np.full((32, 32, 3), k, np.uint8)
       yield k, {"id": f"ex{k}", "image": image, "label": k % 10}
 
-  splits = {"train": examples(range(44)), "test": examples(range(100, 111))}
+  splits = {
+      "train": examples(range(n_train)),
+      "test": examples(range(100, 100 + n_test)),
+  }
   try:
     with (
         mock.patch.object(
@@ -678,11 +683,15 @@ def tiny_cifar10_dir(tmp_path_factory):
         ),
     ):
       builder.download_and_prepare()
-  except (
-      Exception
-  ) as e:  # tfds internals changed: not a failure of our pipeline
+  except Exception as e:  # tfds internals changed: not a failure of ours
     pytest.skip(f"could not build a tiny TFDS cifar10: {type(e).__name__}: {e}")
-  return data_dir
+  return str(data_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar10_dir(tmp_path_factory):
+  """44 train / 11 test records in array_record, read through a data source."""
+  return _build_tiny_cifar10(tmp_path_factory.mktemp("tfds"), "array_record")
 
 
 def _ids(ds, batch):
@@ -692,29 +701,38 @@ def _ids(ds, batch):
 
 
 def test_tfds_real_files_two_processes(tiny_cifar10_dir):
-  shards = [
-      data.load(
-          "cifar10", data_dir=tiny_cifar10_dir, process_index=p, process_count=2
+  single, *shards = [
+      input_lib.load(
+          "cifar10", data_dir=tiny_cifar10_dir, process_index=p, process_count=n
       )
-      for p in range(2)
+      for p, n in ((0, 1), (0, 2), (1, 2))
   ]
-  seen = []
+  global_batches = _take(single.train_batches(8, seed=1), 15)  # three epochs
+  per_process = []
   for ds in shards:
     assert ds.info == DatasetInfo("cifar10", (32, 32, 3), 10, 44, 11)
-    assert ds.steps_per_epoch(4) == 5  # 22 examples per process
-    batches = _take(ds.train_batches(4, seed=1), 15)  # three epochs
+    assert ds.steps_per_epoch(4) == 5  # 44 // 8: 4 examples unused an epoch
+    batches = _take(ds.train_batches(4, seed=1), 15)
     ids = np.stack([_ids(ds, b) for b in batches])
     labels = np.stack([b["label"] for b in batches])
-    np.testing.assert_array_equal(
-        labels, ids % 10
-    )  # labels stay with their images
+    # labels stay with their images
+    np.testing.assert_array_equal(labels, ids % 10)
     assert ids.min() >= 0 and ids.max() < 44
-    epochs = ids.reshape(3, 20)
-    assert all(len(set(e)) == 20 for e in epochs)  # no repeats within an epoch
-    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled each epoch
-    seen.append(set(ids.ravel()))
-  assert not seen[0] & seen[1]  # the processes read disjoint shards
-  assert len(seen[0]) <= 22 and len(seen[1]) <= 22
+    per_process.append((ids, batches))
+  for t in range(15):
+    # The processes' batches are disjoint and make the single-process batch.
+    assert not set(per_process[0][0][t]) & set(per_process[1][0][t])
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(
+          np.concatenate(
+              [per_process[0][1][t][key], per_process[1][1][t][key]]
+          ),
+          global_batches[t][key],
+      )
+  epochs = np.concatenate([per_process[0][0], per_process[1][0]], 1)
+  epochs = epochs.reshape(3, 40)
+  assert all(len(set(e)) == 40 for e in epochs)  # no repeats within an epoch
+  assert not np.array_equal(epochs[0], epochs[1])  # reshuffled each epoch
 
   # Evaluation: same number of batches everywhere, every test example once.
   assert shards[0].num_eval_batches(4) == shards[1].num_eval_batches(4) == 2
@@ -732,7 +750,7 @@ def test_tfds_real_files_two_processes(tiny_cifar10_dir):
 
 
 def test_tfds_real_files_resume(tiny_cifar10_dir):
-  ds = data.load(
+  ds = input_lib.load(
       "cifar10",
       data_dir=tiny_cifar10_dir,
       train_subset=40,
@@ -750,10 +768,194 @@ def test_tfds_real_files_resume(tiny_cifar10_dir):
       ids[1]
   )  # train_subset: the same 40 examples each epoch
   with pytest.raises(ValueError, match="train_subset"):
-    data.load(
+    input_lib.load(
         "cifar10",
         data_dir=tiny_cifar10_dir,
         train_subset=45,
         process_index=0,
         process_count=1,
     )
+
+
+def test_tfds_prepared_without_random_access_is_a_data_error(tmp_path):
+  data_dir = _build_tiny_cifar10(tmp_path, "tfrecord", n_train=4, n_test=2)
+  with pytest.raises(DataError) as err:
+    input_lib.load(
+        "cifar10", data_dir=data_dir, process_index=0, process_count=1
+    )
+  message = str(err.value)
+  assert data_dir in message and "tfds convert_format" in message
+  assert "--file_format=array_record" in message
+
+
+# ---------------------------------------------------------------- reads
+
+
+class _CountingSource:
+  """A source that records the keys of each read."""
+
+  def __init__(self, source):
+    self.source, self.reads = source, []
+
+  def __len__(self):
+    return len(self.source)
+
+  def read(self, keys):
+    self.reads.append(np.array(keys))
+    return self.source.read(keys)
+
+
+def test_resume_reads_no_batch_before_start_step(tmp_path):
+  _make_idx_dir(tmp_path, n_train=12)
+  ds = input_lib.load(
+      "fashion_mnist", data_dir=str(tmp_path), process_index=0, process_count=1
+  )
+  batch_size, seed = 2, 4
+  steps = ds.steps_per_epoch(batch_size)
+  start = 10 * steps + 3  # 63 batches before it
+  expected = _take(ds.train_batches(batch_size, seed=seed), start + 3)[start:]
+  order = ds.train_order(batch_size, seed=seed)
+  ds.train_source = counting = _CountingSource(ds.train_source)
+
+  # Without prefetching the count is exact: one read of one batch per step.
+  prefetch = ds.read_options
+  ds.read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  resumed = _take(ds.train_batches(batch_size, seed=seed, start_step=start), 3)
+  assert len(counting.reads) == 3
+  for t, keys in enumerate(counting.reads):
+    np.testing.assert_array_equal(keys, order[start + t])
+  for a, b in zip(expected, resumed, strict=True):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  # Random access to one step reads that step's records only.
+  counting.reads.clear()
+  batch = ds.train_dataset(batch_size, seed=seed)[start + 1]
+  assert len(counting.reads) == 1
+  np.testing.assert_array_equal(batch["image"], expected[1]["image"])
+
+  # Prefetching reads a few steps ahead, never one before start.
+  counting.reads.clear()
+  ds.read_options = prefetch
+  it = ds.train_batches(batch_size, seed=seed, start_step=start)
+  assert np.array_equal(next(it)["image"], expected[0]["image"])
+  it.close()
+  ahead = 1 + prefetch.prefetch_buffer_size
+  reads = list(counting.reads)
+  assert 1 <= len(reads) <= ahead + 1
+  allowed = [order[t] for t in range(start, start + ahead + 1)]
+  assert all(any(np.array_equal(k, a) for a in allowed) for k in reads)
+
+
+# ---------------------------------------------------------------- streamed JPEG records
+
+
+def _jpeg(value, height, width):
+  from PIL import Image
+
+  out = io.BytesIO()
+  image = np.full((height, width, 3), value, np.uint8)
+  Image.fromarray(image).save(out, "JPEG", quality=95)
+  return out.getvalue()
+
+
+class _Records(list):
+  """JPEG records in a list (a TFDS data source's interface), reads counted."""
+
+  reads = 0
+
+  def __getitem__(self, key):
+    self.reads += 1
+    return super().__getitem__(key)
+
+
+def _jpeg_records(ids):
+  # Constant images of value 6k (k < 40) in three shapes, label k % 10.
+  shapes = ((24, 40), (40, 24), (30, 30))
+  return _Records(
+      {"image": _jpeg(6 * k, *shapes[k % 3]), "label": np.int64(k % 10)}
+      for k in ids
+  )
+
+
+def _jpeg_dataset(train, test, process_index=0, process_count=1):
+  mean, std = (0.5,) * 3, (0.25,) * 3
+  normalize = input_lib.transforms.Normalize(mean, std)
+  return input_lib.Dataset(
+      DatasetInfo("jpegs", (16, 16, 3), 10, len(train), len(test)),
+      train=input_lib.tfds_sources.RecordSource(train, "fake train"),
+      test=input_lib.tfds_sources.RecordSource(test, "fake test"),
+      train_transform=input_lib.transforms.InceptionCrop(16, normalize),
+      eval_transform=input_lib.transforms.CentreCrop(16, 20, normalize),
+      mean=mean,
+      std=std,
+      shard=grain.sharding.ShardOptions(process_index, process_count),
+      read_options=input_lib.tfds_sources.STREAM_READ,
+  )
+
+
+def _jpeg_ids(batch):
+  pixel = batch["image"][:, 8, 8, :].mean(-1) * 0.25 + 0.5
+  return np.round(pixel * 255 / 6).astype(int)
+
+
+def test_streamed_jpeg_records_resume_shard_and_evaluate():
+  train, test = _jpeg_records(range(20)), _jpeg_records(range(30, 35))
+  ds = _jpeg_dataset(train, test)
+  assert ds.steps_per_epoch(4) == 5
+  fresh = _take(ds.train_batches(4, seed=3), 7)
+  for batch in fresh:
+    assert batch["image"].shape == (4, 16, 16, 3)
+    assert (
+        batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
+    )
+    np.testing.assert_array_equal(batch["label"], _jpeg_ids(batch) % 10)
+  epoch = np.concatenate([_jpeg_ids(b) for b in fresh[:5]])
+  assert sorted(epoch) == list(range(20))
+
+  # Resuming at step 6 reads the records of step 6 only (no prefetching here).
+  ds.read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  train.reads = 0
+  resumed = next(ds.train_batches(4, seed=3, start_step=6))
+  assert train.reads == 4
+  for key in ("image", "label"):
+    np.testing.assert_array_equal(resumed[key], fresh[6][key])
+
+  # Two processes: halves of the single-process batch, bit for bit.
+  halves = [_jpeg_dataset(train, test, p, 2) for p in range(2)]
+  for t, batches in enumerate(
+      zip(*(_take(h.train_batches(2, seed=3), 7) for h in halves))
+  ):
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(
+          np.concatenate([b[key] for b in batches]), fresh[t][key]
+      )
+
+  # Evaluation: the centre crop of every test record once, padded.
+  evals = list(ds.eval_batches(2))
+  assert len(evals) == ds.num_eval_batches(2) == 3
+  mask = np.concatenate([b["mask"] for b in evals])
+  assert mask.tolist() == [1, 1, 1, 1, 1, 0]
+  ids = np.concatenate([_jpeg_ids(b) for b in evals])[:5]
+  assert ids.tolist() == list(range(30, 35))
+
+
+def test_corrupt_jpeg_record_names_the_record():
+  train = _jpeg_records(range(8))
+  train[5] = {"image": b"\xff\xd8 not a jpeg", "label": np.int64(5)}
+  ds = _jpeg_dataset(train, _jpeg_records(range(2)))
+  with pytest.raises(DataError, match="fake train record 5: cannot decode"):
+    _take(ds.train_batches(8, seed=0), 1)
+
+
+def test_inception_box_area_aspect_and_fallback():
+  box = input_lib.transforms.inception_box
+  gen = np.random.default_rng(0)
+  for _ in range(200):
+    width, height = gen.integers(1, 400, size=2)
+    left, top, right, bottom = box(width, height, gen.random((10, 4)))
+    assert 0 <= left < right <= width and 0 <= top < bottom <= height
+    w, h = right - left, bottom - top
+    if (w, h) != (width, height):
+      area = w * h / (width * height)
+      assert 0.08 - 0.02 <= area <= 1.0 and 3 / 4 - 0.1 <= w / h <= 4 / 3 + 0.1
+  # No attempt fits a 1-pixel-high strip: the whole image.
+  assert box(300, 1, np.full((10, 4), 0.5)) == (0, 0, 300, 1)
