@@ -201,3 +201,28 @@ def test_convergence_smoke(tmp_path):
   before = os.path.getmtime(done)
   convergence.main(["--smoke", "--out", str(tmp_path)])
   assert os.path.getmtime(done) == before
+
+
+def test_premise_smoke(tmp_path):
+  results = _run_smoke("premise", tmp_path)
+  rows = results["rows"]
+  assert [(r["batch_norm"], r["sparsity"]) for r in rows] == [
+      (bn, s) for bn in (True, False) for s in (0.3, 0.5, 0.7, 0.8, 0.9)
+  ]
+  for r in rows:
+    for key in (
+        "ratio",
+        "ratio_density",
+        "ratio_sqrt_d",
+        "ratio_out_layer",
+        "theory",
+        "paper",
+    ):
+      assert _finite(r[key]) and r[key] > 0, key
+    assert len(r["per_seed_ratio"]) == results["config"]["seeds"] == 2
+  bn = {r["sparsity"]: r for r in rows if r["batch_norm"]}
+  # BatchNorm amplifies the sparse layer's gradient, more at higher sparsity,
+  # and multiplying each neuron's gradient by sqrt(d_i) undoes it.
+  assert bn[0.9]["ratio"] > bn[0.5]["ratio"] > 1.2
+  assert abs(bn[0.9]["ratio_sqrt_d"] - 1) < 0.3
+  assert set(results["bars"]) >= {"bn_within_15pct", "no_bn_within_0.9_1.15"}
