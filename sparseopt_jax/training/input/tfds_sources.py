@@ -134,21 +134,22 @@ class RecordSource:
 
 
 def _read_all(source, size: int, where: str) -> tuple[np.ndarray, np.ndarray]:
-  """The first ``size`` records of ``source`` decoded, as uint8 arrays."""
-  ds = grain.MapDataset.source(source)[:size]
-  it = ds.to_iter_dataset(
-      grain.ReadOptions(num_threads=8, prefetch_buffer_size=256)
-  )
+  """The first ``size`` records of ``source`` decoded, as uint8 arrays.
+
+  One key at a time: tfds's numpy decoding (protobuf, PIL) holds the GIL for
+  most of a record, and prefetch threads made it slower here (0.5 against
+  0.3 ms a 32x32 record on 2 cores).
+  """
   images, labels = None, np.empty(size, np.int64)
   try:
-    for i, record in enumerate(it):
-      image = np.asarray(record["image"])
+    for i in range(size):
+      record = source[i]
       if images is None:
-        images = np.empty((size,) + image.shape, np.uint8)
-      images[i] = image
+        images = np.empty((size,) + np.shape(record["image"]), np.uint8)
+      images[i] = record["image"]
       labels[i] = record["label"]
   except Exception as e:
-    raise DataError(f"{where}: cannot read its records ({e})") from e
+    raise DataError(f"{where}: cannot read record {i} ({e})") from e
   return images, labels
 
 
