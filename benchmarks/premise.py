@@ -287,8 +287,10 @@ def plot(results: dict, path: str) -> str:
       [r["ratio_density"] for r in sel],
       color="C2",
       marker="s",
-      ms=4,
-      label='with BN, skew="density"',
+      ms=7,
+      mfc="none",
+      ls="--",
+      label='with BN, skew="density" (on top of "with BN")',
   )
   ax.plot(
       [r["sparsity"] for r in sel],
@@ -303,7 +305,8 @@ def plot(results: dict, path: str) -> str:
   ax.set_ylabel("RMS gradient per weight: sparse / dense")
   ax.set_title(
       f"MLP 784-{cfg['hidden']}-10 at init, {cfg['seeds']} seeds x"
-      f" {cfg['batches']} batches of {cfg['batch_size']}",
+      f" {cfg['batches']} batches of {cfg['batch_size']},"
+      f" {cfg.get('normalise', 'global')} standardisation",
       fontsize=9,
   )
   ax.grid(alpha=0.3)
