@@ -6,7 +6,8 @@
 
 Arms (every one with the same seeds, data order, initial weights and initial masks):
 dense SGD; RigL and SET with skew=None (the baseline), "density" (the paper) and
-"bn"; RigL with grow_with="corrected" at the first sparsity. Each arm trains with
+"bn"; RigL with grow_with="corrected" at the first sparsity; at 95%, RigL with
+HAM (``--ham``) alone and with the density correction. Each arm trains with
 the training program (``sparseopt_jax.training.train.run``) into its own workdir, which is
 reused if complete, so an interrupted sweep resumes where it stopped.
 
@@ -73,6 +74,16 @@ def default_arms(sparsities) -> list[Arm]:
           },
       )
   )
+  if 0.95 in sparsities:
+    # HAM (so.ham, --ham) alone and with the density correction: the pair of
+    # the paper's Table 3 (95% RigL).
+    for skew in (None, "density"):
+      arms.append(
+          Arm(
+              f"rigl95_{skew}_ham" if skew else "rigl95_ham",
+              {"sparsity": 0.95, "topology": "rigl", "skew": skew, "ham": True},
+          )
+      )
   return arms
 
 
@@ -277,6 +288,14 @@ def summarize(args, runs) -> list[dict]:
       row["paired_delta_std"] = (
           100 * float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
       )
+      # SparseOpt + HAM is also paired with HAM alone (the paper's Table 3).
+      ham = f"{base[: -len('_base')]}_ham"
+      if arm.overrides.get("ham") and name != ham and ham in runs:
+        diffs = final - curve(runs[ham])[1][:, -1]
+        row["delta_vs_ham"] = 100 * float(diffs.mean())
+        row["paired_delta_vs_ham_std"] = (
+            100 * float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
+        )
     # Undefined figures (no dense arm, never reached) are null in the JSON, not NaN.
     rows.append({
         k: None if isinstance(v, float) and np.isnan(v) else v
@@ -378,6 +397,11 @@ def parse(argv):
   )
   p.add_argument("--smoke", action="store_true", help="a tiny sweep for CI")
   p.add_argument("--out", default=os.path.join(HERE, "results"))
+  p.add_argument(
+      "--name",
+      default=None,
+      help="stem of the result files (default: convergence[_<data>_<budget>])",
+  )
   p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.smoke:
@@ -416,7 +440,9 @@ def main(argv=None) -> dict:
   default = (
       args.dataset == "fashion_mnist" and not args.full and args.steps == 300
   )
-  tag = "convergence" if default else f"convergence_{budget_tag(args)}"
+  tag = args.name or (
+      "convergence" if default else f"convergence_{budget_tag(args)}"
+  )
   with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
     json.dump(result, f, indent=2)
   plot(args, runs, os.path.join(args.out, f"{tag}.png"))
