@@ -1,27 +1,41 @@
-"""Shared fixtures: a small conv + BatchNorm network and its data."""
+"""Shared fixtures: a small conv + BatchNorm network and its data.
 
+The core tests need jax, optax and numpy only: Flax is imported lazily, by
+``linen_nets()`` and the fixtures that call it, which skip their test where
+Flax is not installed (the floor check, ``scripts/check_floors.sh``, runs the
+core tests so).
+"""
+
+import importlib
+import importlib.metadata
 import os
+import re
+import tempfile
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+  v = importlib.metadata.version("jaxlib")
+  return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+
 
 # Several simulated CPU devices for the data-parallel tests; must be set before JAX starts.
 # The simulated devices share two cores, so a collective may wait on a starved peer for
 # longer than XLA's default 40 s before aborting the process: give it ten minutes.
-os.environ.setdefault(
-    "XLA_FLAGS",
-    " ".join([
-        "--xla_force_host_platform_device_count=8",
-        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
-        "--xla_cpu_collective_call_terminate_timeout_seconds=600",
-        "--xla_cpu_collective_timeout_seconds=600",
-    ]),
-)
+# An older jaxlib aborts on a flag it does not know, so each timeout is passed only
+# from a jaxlib known to have it (checked: 0.8.0 has the first two, not the third).
+_XLA_FLAGS = ["--xla_force_host_platform_device_count=8"]
+if _jaxlib_version() >= (0, 8, 0):
+  _XLA_FLAGS += [
+      "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
+      "--xla_cpu_collective_call_terminate_timeout_seconds=600",
+  ]
+if _jaxlib_version() >= (0, 10, 2):
+  _XLA_FLAGS.append("--xla_cpu_collective_timeout_seconds=600")
+os.environ.setdefault("XLA_FLAGS", " ".join(_XLA_FLAGS))
 
-import tempfile
-
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import optax
-import pytest
+import jax  # noqa: E402  (after XLA_FLAGS)
+import optax  # noqa: E402
+import pytest  # noqa: E402
 
 # Many tests compile the same programs (a run and its resumed half, one arm per seed):
 # a session-wide persistent cache compiles each once.
@@ -32,22 +46,17 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-class SmallConvNet(nn.Module):
-  """conv -> BN -> relu -> conv -> BN -> relu -> pool -> dense: two sparse convs, a sparse head."""
+def linen_nets():
+  """``tests/linen_nets.py`` (Flax linen models); skips the caller without Flax."""
+  pytest.importorskip("flax")
+  return importlib.import_module("linen_nets")
 
-  features: int = 16
-  num_classes: int = 10
 
-  @nn.compact
-  def __call__(self, x, train: bool = True):
-    for _ in range(2):
-      x = nn.Conv(self.features, (3, 3), use_bias=False)(x)
-      x = nn.BatchNorm(
-          use_running_average=not train, momentum=0.9, epsilon=1e-5
-      )(x)
-      x = nn.relu(x)
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes)(x)
+def __getattr__(name):
+  # `from conftest import SmallConvNet` still works (and skips without Flax).
+  if name == "SmallConvNet":
+    return linen_nets().SmallConvNet
+  raise AttributeError(f"module 'conftest' has no attribute {name!r}")
 
 
 BN_PAIRS = {
@@ -59,7 +68,7 @@ BN_PAIRS = {
 
 @pytest.fixture(scope="session")
 def small_net():
-  model = SmallConvNet()
+  model = linen_nets().SmallConvNet()
   x = jax.random.normal(jax.random.PRNGKey(1), (32, 8, 8, 3))
   y = jax.random.randint(jax.random.PRNGKey(2), (32,), 0, 10)
   variables = model.init(jax.random.PRNGKey(0), x)

@@ -1,12 +1,15 @@
 """Transformer-safe defaults: on a Flax attention block only kernels are sparse, and a
 query/key/value kernel's neurons are its (head, head_dim) pairs."""
 
-import flax.linen as nn
 import jax
 import numpy as np
 import optax
+import pytest
 
 import sparseopt_jax as so
+
+# A Flax attention block throughout: without Flax the module skips.
+nn = pytest.importorskip("flax.linen")
 
 HEADS, HEAD_DIM, WIDTH, VOCAB, LENGTH = 4, 8, 32, 50, 6
 

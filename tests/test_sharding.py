@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import SmallConvNet
+from conftest import linen_nets
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -33,7 +33,7 @@ def _tx():
 
 
 def _setup():
-  model = SmallConvNet(features=16)
+  model = linen_nets().SmallConvNet(features=16)
   x = jax.random.normal(jax.random.PRNGKey(1), (16, 8, 8, 3))
   y = jax.random.randint(jax.random.PRNGKey(2), (16,), 0, 10)
   variables = model.init(jax.random.PRNGKey(0), x)

@@ -1,24 +1,13 @@
 """Skew correction: the -0.5 slope BatchNorm creates, and both correction modes."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import linen_nets
 
 import sparseopt_jax as so
-
-
-class ConvBN(nn.Module):
-  features: int = 128
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Conv(self.features, (3, 3), use_bias=False)(x)
-    return nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)(
-        x
-    )
 
 
 def _varied_density_mask(shape, seed, low=0.05, high=1.0):
@@ -34,7 +23,7 @@ def _varied_density_mask(shape, seed, low=0.05, high=1.0):
 
 @pytest.fixture(scope="module")
 def conv_bn_grads():
-  model = ConvBN()
+  model = linen_nets().ConvBN()
   x = jax.random.normal(jax.random.PRNGKey(0), (64, 8, 8, 16))
   variables = model.init(jax.random.PRNGKey(1), x)
   params = variables["params"]
@@ -53,7 +42,7 @@ def conv_bn_grads():
         x,
         mutable=["batch_stats"],
     )
-    return jnp.mean(jnp.square(nn.relu(y) - target))
+    return jnp.mean(jnp.square(jax.nn.relu(y) - target))
 
   return params, masks, jax.jit(jax.grad(loss))(params)
 
@@ -93,18 +82,8 @@ def test_density_factor_is_zero_for_empty_neurons_never_nan():
   assert jnp.all(so.skew.density_factors(jnp.zeros(4)) == 0)
 
 
-class ConvBNDense(nn.Module):
-
-  @nn.compact
-  def __call__(self, x, train=True):
-    x = nn.Conv(8, (3, 3), use_bias=False)(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-    x = nn.relu(x).mean(axis=(1, 2))
-    return nn.Dense(5)(x)
-
-
 def test_bn_mode_reads_running_variance_and_falls_back_to_density():
-  model = ConvBNDense()
+  model = linen_nets().ConvBNDense()
   x = jax.random.normal(jax.random.PRNGKey(0), (16, 6, 6, 3))
   variables = model.init(jax.random.PRNGKey(1), x)
   params = variables["params"]

@@ -411,7 +411,7 @@ def test_works_in_the_params_dtype(dtype):
 
 
 def test_nnx_state_params():
-  from flax import nnx
+  nnx = pytest.importorskip("flax.nnx")
 
   class Net(nnx.Module):
 
