@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Mapping
 
+from sparseopt_jax import structure as structure_lib
 from sparseopt_jax.checks import check_fraction
 
 DISTRIBUTIONS = ("uniform", "erk", "er")
@@ -121,9 +122,22 @@ def layer_sparsities(
 
 
 def active_counts(
-    shapes: Mapping[str, tuple[int, ...]], sparsities: Mapping[str, float]
+    shapes: Mapping[str, tuple[int, ...]],
+    sparsities: Mapping[str, float],
+    *,
+    structure: str | None = None,
+    neuron_axis: int | None = None,
 ) -> dict[str, int]:
-  """Number of kept weights per leaf: round((1 - s_l) * n_l), at least 1."""
+  """Number of kept weights per leaf: round((1 - s_l) * n_l), at least 1.
+
+  With a ``structure`` (``"fan_in"`` or ``"N:M"``, see
+  :mod:`sparseopt_jax.structure`) the real counts of the structured masks:
+  neurons x clip(round(fan_in (1 - s_l)), 1, fan_in) for ``"fan_in"``, which
+  can differ slightly from the budget, and n_l N / M for N:M.
+  """
+  spec = structure_lib.parse(structure)
+  if spec is not None:
+    return structure_lib.active_counts(shapes, sparsities, spec, neuron_axis)
   out = {}
   for path, shape in shapes.items():
     n = math.prod(shape)

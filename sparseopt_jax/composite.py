@@ -47,7 +47,7 @@ class SparseOptState(NamedTuple):
 def sparseopt(
     sparsity: float,
     *,
-    distribution: budgets.Distribution = "erk",
+    distribution: budgets.Distribution | None = None,
     topology: str = "rigl",
     update_every: int = 100,
     drop_fraction: float = 0.3,
@@ -60,6 +60,7 @@ def sparseopt(
     bn_pairs: Mapping[str, str | None] | None = None,
     neuron_axis: int | None = None,
     bn_floor: float = 0.1,
+    structure: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SparseOpt: dynamic sparse training with normalisation-aware skew correction.
 
@@ -74,7 +75,8 @@ def sparseopt(
   Args:
     sparsity: target fraction of zeros over the sparse leaves, in [0, 1).
     distribution: layer budgets, ``"uniform"``, ``"erk"``, ``"er"`` or a mapping
-      from leaf-path regex to sparsity.
+      from leaf-path regex to sparsity; None (default): ``"erk"``, or
+      ``"uniform"`` under an N:M ``structure``.
     topology: ``"rigl"``, ``"set"`` or ``"static"``.
     update_every: Delta-T, steps between mask updates.
     drop_fraction: alpha, cosine-decayed to 0 at ``end_step``.
@@ -91,8 +93,17 @@ def sparseopt(
     neuron_axis: the neuron axis of every sparse leaf; None (default) by role:
       the last axis, and (head, head_dim) of attention's query/key/value kernels.
     bn_floor: least factor in ``"bn"`` mode.
+    structure: None (unstructured), ``"fan_in"`` (every neuron keeps the same
+      number of incoming weights, so every density factor is exactly 1 and
+      ``skew="density"`` is the identity) or ``"N:M"`` like ``"2:4"`` (N active
+      in every group of M consecutive inputs; ``sparsity`` must be 1 - N/M);
+      kept exactly by the initial masks and every RigL/SET update (see
+      :func:`~sparseopt_jax.topology_update`).
   """
   check_choice("grow_with", grow_with, GROW_WITH)
+  if distribution is None:
+    n_m = structure not in (None, "fan_in")
+    distribution = "uniform" if n_m else "erk"
   if skew is not None:
     check_choice("skew", skew, skew_lib.SKEW_MODES)
   topo = topology_lib.topology_update(
@@ -106,6 +117,7 @@ def sparseopt(
       end_step=end_step,
       seed=seed,
       neuron_axis=neuron_axis,
+      structure=structure,
   )
   correct = (
       None

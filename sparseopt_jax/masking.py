@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from sparseopt_jax import budgets
+from sparseopt_jax import structure as structure_lib
 from sparseopt_jax import tree as tree_lib
 
 
@@ -111,6 +112,8 @@ def host_random_masks(
     *,
     sparse_filter: tree_lib.SparseFilter = None,
     seed: int = 0,
+    structure: str | None = None,
+    neuron_axis: int | None = None,
 ) -> Any:
   """:func:`random_masks` as numpy arrays, drawn on the host.
 
@@ -120,9 +123,14 @@ def host_random_masks(
   """
   keep = tree_lib.make_sparse_filter(sparse_filter)
   shapes = tree_lib.sparse_shapes(params, keep)
-  counts = budgets.active_counts(
-      shapes, budgets.layer_sparsities(shapes, sparsity, distribution)
-  )
+  spec = structure_lib.parse(structure)
+  structure_lib.check_shapes(shapes, spec, neuron_axis)
+  sparsities = budgets.layer_sparsities(shapes, sparsity, distribution)
+  counts = budgets.active_counts(shapes, sparsities)
+  if spec is not None:
+    per_row = structure_lib.per_row_counts(
+        shapes, sparsities, spec, neuron_axis
+    )
   index = {path: i for i, path in enumerate(shapes)}
 
   def leaf_mask(p, x):
@@ -131,6 +139,9 @@ def host_random_masks(
       return None
     n = math.prod(shapes[path])
     rng = np.random.default_rng((seed, index[path]))
+    if spec is not None:
+      lay = structure_lib.layout(path, shapes[path], spec, neuron_axis)
+      return structure_lib.host_mask(lay, per_row[path], rng)
     mask = np.zeros(n, bool)
     mask[rng.choice(n, counts[path], replace=False)] = True
     return mask.reshape(shapes[path])
@@ -145,6 +156,8 @@ def random_masks(
     *,
     sparse_filter: tree_lib.SparseFilter = None,
     seed: int = 0,
+    structure: str | None = None,
+    neuron_axis: int | None = None,
 ) -> Any:
   """Random masks with exactly round((1 - s_l) * n_l) active weights per sparse leaf.
 
@@ -153,9 +166,20 @@ def random_masks(
   binomially around ``1 - s_l`` as in RigL and SET. Drawn with numpy on the host
   (:func:`host_random_masks`): no per-shape compilation, and the same masks
   eagerly, under ``jax.jit`` and under ``jax.eval_shape``.
+
+  With ``structure="fan_in"`` every neuron (``neuron_axis``, by role if None)
+  keeps clip(round(fan_in (1 - s_l)), 1, fan_in) weights at random; with
+  ``"N:M"`` every group of M consecutive inputs keeps N at random (see
+  :mod:`sparseopt_jax.structure`).
   """
   host = host_random_masks(
-      params, sparsity, distribution, sparse_filter=sparse_filter, seed=seed
+      params,
+      sparsity,
+      distribution,
+      sparse_filter=sparse_filter,
+      seed=seed,
+      structure=structure,
+      neuron_axis=neuron_axis,
   )
   return jax.tree.map(
       lambda m: m if tree_lib.is_none(m) else jnp.asarray(m),

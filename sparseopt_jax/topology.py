@@ -16,6 +16,12 @@ any weight or gradient holds a NaN or an Inf, no mask changes on that step
 (what ``optax.apply_if_finite`` would skip), so non-finite values never drive
 drop or growth and per-leaf counts stay exact.
 
+Structure (``structure="fan_in"`` or ``"N:M"``): the same rule inside every
+row of the leaf (a neuron, or a group of M consecutive inputs), so each row
+keeps its count exactly; the leaf's k is split evenly over its rows, the
+remainder going one weight each to rows picked by a seeded permutation. Per-row
+``lax.top_k`` on a [rows, row_len] view of the leaf.
+
 Mask-update step: the surviving weights take their ordinary update; dropped
 weights are zeroed; grown weights start at 0.0 with zero optimizer moments and
 take their first step on the next step. (Reference RigL skips the whole weight
@@ -42,6 +48,7 @@ import optax
 
 from sparseopt_jax import budgets, masking
 from sparseopt_jax import skew as skew_lib
+from sparseopt_jax import structure as structure_lib
 from sparseopt_jax import tree as tree_lib
 from sparseopt_jax.checks import check_choice, check_fraction, check_int
 
@@ -184,6 +191,87 @@ def _new_leaf_mask(mask, weight, grad, seeds, finite, *, k, kmax, grow_random):
   return out if spec is None else jax.sharding.reshard(out, spec)
 
 
+def _row_pick(values: jax.Array, k: jax.Array, kmax: int) -> jax.Array:
+  """Per row of ``values`` [rows, n], its k-th largest (``k`` [rows], 1 <= k <= kmax)."""
+  top, _ = jax.lax.top_k(values, kmax)
+  return jnp.take_along_axis(top, jnp.clip(k - 1, 0, kmax - 1)[:, None], axis=1)
+
+
+def _select_rows(
+    score: jax.Array,
+    candidates: jax.Array,
+    k: jax.Array,
+    kmax: int,
+    tie_keys: jax.Array,
+) -> jax.Array:
+  """:func:`_select` in every row of a [rows, n] view: row i takes its ``k[i]`` first.
+
+  ``k[i] <= kmax`` (static) and ``k[i] <=`` the candidates of row i; the same
+  (score, tie key) order as the unstructured path, so exactly ``k[i]`` per row.
+  """
+  low = (
+      -jnp.inf
+      if jnp.issubdtype(score.dtype, jnp.floating)
+      else jnp.iinfo(score.dtype).min
+  )
+  s = jnp.where(candidates, score, low)
+  threshold = _row_pick(s, k, kmax)
+  above = s > threshold
+  tied = candidates & (s == threshold)
+  r = k - jnp.sum(above, axis=1, dtype=jnp.int32)
+
+  def break_ties():
+    ties = jnp.where(tied, _as_int_key(tie_keys), jnp.iinfo(jnp.int32).min)
+    return tied & (ties >= _row_pick(ties, r, kmax)) & (r > 0)[:, None]
+
+  # As in _select: rank the ties only when, in some row, some must lose.
+  chosen = above | jax.lax.cond(
+      jnp.any(jnp.sum(tied, axis=1, dtype=jnp.int32) > r),
+      break_ties,
+      lambda: tied,
+  )
+  return chosen & (k > 0)[:, None]
+
+
+def _new_structured_leaf_mask(
+    mask, weight, grad, seeds, finite, *, k, kmax, lay, grow_random
+):
+  """The leaf's mask after dropping and growing ``k`` weights inside its rows.
+
+  Row i (a neuron for fan_in, a group for N:M) drops ``k // rows`` weights, one
+  more for ``k % rows`` rows picked by a seeded permutation, and grows as many
+  as it dropped: every row keeps its count, the leaf drops ``k`` in all.
+  """
+  spec = _explicit_spec(mask)
+  gather = lambda x: (
+      x
+      if _explicit_spec(x) is None
+      else jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+  )
+  rows = lambda x: structure_lib.to_rows(gather(x), lay)
+  keys = lambda seed: structure_lib.to_rows(
+      _random_keys(mask.size, seed).reshape(mask.shape), lay
+  )
+  m = rows(mask)
+  w = rows(weight).astype(jnp.float32)
+  order = (
+      jnp.arange(lay.rows, dtype=jnp.uint32)
+      * np.uint32(structure_lib.row_multiplier(lay.rows))
+      + _mix32(seeds[0] ^ np.uint32(0x5EED)) % np.uint32(lay.rows)
+  ) % np.uint32(lay.rows)
+  extra = (order < (k % lay.rows).astype(jnp.uint32)).astype(jnp.int32)
+  k_rows = jnp.minimum(k // lay.rows + extra, kmax)
+  dropped = _select_rows(-jnp.abs(w), m, k_rows, kmax, keys(seeds[0]))
+  kept = m & ~dropped
+  if grow_random:
+    grow_score = _as_int_key(keys(seeds[2]))
+  else:
+    grow_score = jnp.abs(rows(grad).astype(jnp.float32))
+  grown = _select_rows(grow_score, ~kept, k_rows, kmax, keys(seeds[1]))
+  out = structure_lib.from_rows(jnp.where(finite, kept | grown, m), lay)
+  return out if spec is None else jax.sharding.reshard(out, spec)
+
+
 def _pack(mask: Any, xp: Any = jnp) -> Any:
   return xp.packbits(mask.reshape(-1) if xp is np else _flat(mask))
 
@@ -215,6 +303,7 @@ def topology_update(
     end_step: int | None = None,
     seed: int = 0,
     neuron_axis: int | None = None,
+    structure: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Own the masks, change them with RigL/SET, and zero the pruned gradients.
 
@@ -241,8 +330,18 @@ def topology_update(
       required unless ``topology="static"``.
     seed: seed of the initial masks and of the update's random keys.
     neuron_axis: the neuron axis of every sparse leaf, for the cached
-      per-neuron density factors; None (default) by role
+      per-neuron density factors and the structure; None (default) by role
       (:func:`~sparseopt_jax.tree.neuron_axes`).
+    structure: None (unstructured), ``"fan_in"`` (every neuron keeps the same
+      number of incoming weights) or ``"N:M"`` such as ``"2:4"`` (exactly N
+      active in every group of M consecutive weights along the input axis;
+      then ``sparsity`` must be 1 - N/M and ``distribution`` uniform). The
+      initial masks and every update keep it exactly: drop and grow happen
+      inside each neuron or group (see :mod:`sparseopt_jax.structure`). The
+      leaf's drop count ``floor(f_t * n)`` is split over its rows (neurons or
+      groups): ``floor(k / rows)`` each, one more in ``k mod rows`` rows picked
+      by a seeded permutation, never more than the row's inactive weights;
+      each row regrows what it dropped.
 
   ``update(updates, state, params, *, grow_grads=None, mask_update=None,
   **extra)``: ``params`` is required (drop ranks |w|); RigL ranks
@@ -274,7 +373,16 @@ def topology_update(
           " update_every, raise end_step, or use topology='static'"
       )
   seed = check_int("seed", seed, 0)
+  spec = structure_lib.parse(structure)
   given = None if masks is None else masking.as_bool_masks(masks)
+  if given is None:
+    structure_lib.check_budget(spec, sparsity, distribution)
+  # Per sparse leaf, the active weights of each row of a given structured mask.
+  given_per_row = (
+      None
+      if given is None
+      else structure_lib.check_masks(given, spec, neuron_axis)
+  )
   given_counts = None
   if given is not None:
     given_counts = {
@@ -318,7 +426,13 @@ def topology_update(
       )
     else:
       host_masks = masking.host_random_masks(
-          params, sparsity, distribution, sparse_filter=keep, seed=seed
+          params,
+          sparsity,
+          distribution,
+          sparse_filter=keep,
+          seed=seed,
+          structure=spec,
+          neuron_axis=neuron_axis,
       )
     tree_lib.check_neuron_axis_fits(
         {
@@ -352,12 +466,28 @@ def topology_update(
       return given_counts
     shapes = tree_lib.sparse_shapes(params, keep)
     return budgets.active_counts(
-        shapes, budgets.layer_sparsities(shapes, sparsity, distribution)
+        shapes,
+        budgets.layer_sparsities(shapes, sparsity, distribution),
+        structure=spec,
+        neuron_axis=neuron_axis,
+    )
+
+  def per_row_counts(params) -> dict[str, int]:
+    """Per structured leaf, the active weights of each of its rows; static."""
+    if given_per_row is not None:
+      return given_per_row
+    shapes = tree_lib.sparse_shapes(params, keep)
+    return structure_lib.per_row_counts(
+        shapes,
+        budgets.layer_sparsities(shapes, sparsity, distribution),
+        spec,
+        neuron_axis,
     )
 
   def next_masks(state, params, grads):
     """(masks, ever_active, density_factors) after a mask update at ``state.step``."""
     counts = active_counts(params)
+    per_row = {} if spec is None else per_row_counts(params)
     f_t = schedule(state.step)
     masks_flat, treedef = jax.tree.flatten(
         state.masks, is_leaf=tree_lib.is_none
@@ -389,6 +519,33 @@ def topology_update(
         new.append(m)
         continue
       n_active = counts.get(path, m.size)
+      if spec is not None:
+        lay = structure_lib.layout(path, m.shape, spec, neuron_axis)
+        in_row = per_row[path]
+        # A row drops at most floor(alpha * in_row) + 1 (its share of the leaf's k).
+        kmax = min(
+            lay.row_len - in_row,
+            in_row,
+            math.floor(drop_fraction * in_row) + 1,
+            math.floor(drop_fraction * n_active),
+        )
+        if kmax <= 0:
+          new.append(m)
+          continue
+        new.append(
+            _new_structured_leaf_mask(
+                m,
+                w,
+                g,
+                seeds[i],
+                finite,
+                k=jnp.floor(f_t * n_active).astype(jnp.int32),
+                kmax=kmax,
+                lay=lay,
+                grow_random=topology == "set",
+            )
+        )
+        continue
       kmax = min(m.size - n_active, math.floor(drop_fraction * n_active))
       if kmax <= 0:  # dense, or nothing to move: the leaf keeps its mask
         new.append(m)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from sparseopt_jax import budgets
+from sparseopt_jax import structure as structure_lib
 from sparseopt_jax.checks import check_choice, check_fraction, check_int
 from sparseopt_jax.composite import GROW_WITH
 from sparseopt_jax.skew import SKEW_MODES
@@ -37,6 +38,7 @@ class TrainConfig:
   topology: str = "rigl"
   skew: str | None = "density"  # "density" | "bn" | None
   grow_with: str = "raw"
+  structure: str | None = None  # None | "fan_in" | "N:M" (e.g. "2:4")
   update_every: int = 100
   drop_fraction: float = 0.3
   end_fraction: float = 0.75  # no mask updates after this fraction of training
@@ -59,6 +61,10 @@ class TrainConfig:
     check_choice("topology", self.topology, TOPOLOGIES)
     check_choice("skew", self.skew, (*SKEW_MODES, None))
     check_choice("grow_with", self.grow_with, GROW_WITH)
+    if not self.dense:
+      structure_lib.check_budget(
+          structure_lib.parse(self.structure), self.sparsity, self.distribution
+      )
     check_choice("dtype", self.dtype, ("float32", "bfloat16"))
     check_fraction("end_fraction", self.end_fraction, closed=True)
     check_fraction("drop_fraction", self.drop_fraction, closed=True)

@@ -143,6 +143,7 @@ def build_optimizer(
           end_step=int(cfg.end_fraction * num_steps),
           skew=cfg.skew,
           grow_with=cfg.grow_with,
+          structure=cfg.structure,
           sparse_filter=sparse_filter,
           seed=cfg.seed,
           bn_pairs=bn_pairs,
@@ -707,6 +708,10 @@ FLAG_HELP = {
         "skew correction: density (the paper), bn (BatchNorm variance) or none"
     ),
     "grow_with": "gradient RigL grows by: raw or corrected",
+    "structure": (
+        "mask structure: none, fan_in (constant per-neuron fan-in) or N:M"
+        " like 2:4 (needs --sparsity 1-N/M --distribution uniform)"
+    ),
     "update_every": "Delta-T: steps between mask updates",
     "drop_fraction": (
         "alpha: fraction of active weights replaced at the first update"
@@ -765,6 +770,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
       for f in dataclasses.fields(presets.TrainConfig)
       if getattr(args, f.name) is not None
   }
+  if overrides.get("structure") == "none":
+    overrides["structure"] = None
   if overrides.get("skew") == "none":
     overrides["skew"] = None
   return overrides
