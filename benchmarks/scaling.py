@@ -67,7 +67,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get(
       + " --xla_force_host_platform_device_count=8"
   ).strip()
 
-import argparse
 import dataclasses
 import statistics
 import sys
@@ -82,12 +81,23 @@ from sparseopt_jax.training import input as input_lib
 from sparseopt_jax.training import presets, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, save_figure, save_results  # noqa: E402  (benchmarks/ is not a package)
-
-DEFAULT_OUT = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "results"
+from common import (  # noqa: E402  (benchmarks/ is not a package)
+    add_seed_and_data,
+    add_sparse_options,
+    fill_defaults,
+    log,
+    machine_info,
+    make_parser,
+    pyplot,
+    results_header,
+    save_figure,
+    save_results,
+    skew_value,
+    timed,
 )
+
 PRESET = "fashion_mnist_resnet20"
+BN_SKEW_MODES = ("density", "bn")  # the corrections for a BatchNorm ResNet
 RTOL, ATOL = 1e-4, 1e-5
 # First step, largest per-leaf ||params_N - params_1|| / ||update_1||. Measured on ResNet-20 /
 # Fashion-MNIST, 32 images per device: float rounding gives 4e-5..3e-4 (a 1-ulp perturbation of
@@ -96,10 +106,6 @@ UPDATE_REL_TOL = 0.1
 SCHEDULE_STEPS = (
     10_000  # the run the schedules (lr, drop fraction, end_step) are built for
 )
-
-
-# ---------------------------------------------------------------------------
-# Machine
 
 
 # ---------------------------------------------------------------------------
@@ -210,6 +216,11 @@ def is_mask_update(setup: train.Setup, i: int) -> bool:
   return setup.is_mask_update(i - 1)
 
 
+def _new_state(step, state, batch, flag):
+  """The state after ``step``: the clock stops when it is ready, not the metrics."""
+  return step(state, batch, flag)[0]
+
+
 def run_steps(
     layout: Layout,
     host_state,
@@ -228,12 +239,10 @@ def run_steps(
   stream = dataset.train_batches(global_batch // jax.process_count(), seed=seed)
   times, snaps = [], []
   for i in range(1, n_steps + 1):
-    batch = train.shard_batch(next(stream), mesh)
-    jax.block_until_ready(batch)
-    t0 = time.perf_counter()
-    state, _ = layout.step(state, batch, is_mask_update(layout.setup, i))
-    jax.block_until_ready(state)
-    times.append(time.perf_counter() - t0)
+    batch = jax.block_until_ready(train.shard_batch(next(stream), mesh))
+    flag = is_mask_update(layout.setup, i)
+    state, seconds, _ = timed(_new_state, layout.step, state, batch, flag)
+    times.append(seconds)
     if i <= snap_steps:
       snaps.append(snapshot(state))
     if log and i == 1:
@@ -340,10 +349,7 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> str:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = pyplot()
   import matplotlib.ticker
 
   rows = [r for r in results["rows"] if r.get("model_parallel", 1) == 1]
@@ -426,7 +432,9 @@ def plot(results: dict, path: str) -> str:
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = make_parser(
+      __doc__, "scaling", smoke="1 and 2 devices, batch 2 each, 3 steps"
+  )
   p.add_argument(
       "--devices",
       type=int,
@@ -471,23 +479,8 @@ def parse_args(argv):
       default=None,
       help="Delta-T of the timed runs (default 5; smoke 2)",
   )
-  p.add_argument("--skew", choices=["density", "bn", "none"], default="density")
-  p.add_argument(
-      "--topology", choices=["rigl", "set", "static"], default="rigl"
-  )
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--data-dir", default=None)
-  p.add_argument(
-      "--smoke",
-      action="store_true",
-      help="1 and 2 devices, batch 2 each, 3 steps",
-  )
-  p.add_argument(
-      "--out", default=DEFAULT_OUT, help="directory of scaling<tag>.json / .png"
-  )
-  p.add_argument(
-      "--tag", default="", help="suffix of the output files: scaling<tag>.json"
-  )
+  add_sparse_options(p, skew="density", skew_modes=BN_SKEW_MODES)
+  add_seed_and_data(p)
   return p.parse_args(argv)
 
 
@@ -495,19 +488,16 @@ def main(argv: list[str] | None = None) -> dict:
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
   smoke = args.smoke
-  pick = (
-      lambda value, full, tiny: value
-      if value is not None
-      else (tiny if smoke else full)
+  fill_defaults(
+      args,
+      devices=([1, 2, 4, 8], [1, 2]),
+      model_parallel=([4], []),
+      per_device_batch=(32, 2),
+      rounds=(20, 2),
+      warmup=(2, 1),
+      check_steps=(6, 3),
+      update_every=(5, 2),
   )
-  args.devices = pick(args.devices, [1, 2, 4, 8], [1, 2])
-  args.model_parallel = pick(args.model_parallel, [4], [])
-  args.per_device_batch = pick(args.per_device_batch, 32, 2)
-  args.rounds = pick(args.rounds, 20, 2)
-  args.warmup = pick(args.warmup, 2, 1)
-  args.check_steps = pick(args.check_steps, 6, 3)
-  args.update_every = pick(args.update_every, 5, 2)
-  log = lambda s: print(s, flush=True)
 
   available = len(jax.devices())
   counts = sorted(set(args.devices))
@@ -523,7 +513,7 @@ def main(argv: list[str] | None = None) -> dict:
       steps=SCHEDULE_STEPS,
       batch_size=args.per_device_batch * max(counts),
       update_every=args.update_every,
-      skew=None if args.skew == "none" else args.skew,
+      skew=skew_value(args.skew),
       topology=args.topology,
       seed=args.seed,
       data_dir=args.data_dir,
@@ -684,12 +674,8 @@ def main(argv: list[str] | None = None) -> dict:
   if not checked:
     notes.append("No agreement check: fewer than two device counts ran.")
   results = {
-      "benchmark": "scaling",
-      "machine": machine,
-      "command": "python benchmarks/scaling.py " + " ".join(argv),
-      "smoke": smoke,
+      **results_header("scaling", argv, args, machine),
       "preset": PRESET,
-      "args": vars(args),
       "config": dataclasses.asdict(cfg),
       "end_step": end_step,
       "tolerance": {"rtol": RTOL, "atol": ATOL},

@@ -42,7 +42,6 @@ prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -61,19 +60,25 @@ from sparseopt_jax.training import input as input_lib
 from sparseopt_jax.training import presets, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, save_results  # noqa: E402  (benchmarks/ is not a package)
-
-DEFAULT_OUT = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "results"
+from common import (  # noqa: E402  (benchmarks/ is not a package)
+    add_seed_and_data,
+    add_sparse_options,
+    fill_defaults,
+    log,
+    machine_info,
+    make_parser,
+    pyplot,
+    results_header,
+    save_figure,
+    save_results,
+    skew_value,
 )
+
 PRESET = "fashion_mnist_resnet20"
+BN_SKEW_MODES = ("density", "bn")  # the corrections for a BatchNorm ResNet
 PROBE_SEED_OFFSET = (
     7919  # the probe batches come from a stream seeded apart from training
 )
-
-
-# ---------------------------------------------------------------------------
-# Machine
 
 
 # ---------------------------------------------------------------------------
@@ -330,11 +335,7 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> str:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = pyplot()
   stages = list(results["stages"])
   if not stages:
     return ""
@@ -421,10 +422,7 @@ def plot(results: dict, path: str) -> str:
       f" step {steps}",
       fontsize=10,
   )
-  fig.tight_layout(rect=(0, 0, 1, 0.96))
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path, rect=(0, 0, 1, 0.96))
 
 
 # ---------------------------------------------------------------------------
@@ -432,21 +430,18 @@ def plot(results: dict, path: str) -> str:
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = make_parser(__doc__, "skew", smoke="4 steps of batch 16: a tiny run")
   p.add_argument(
       "--steps",
       type=int,
       default=None,
       help="training steps (default 300; smoke 4)",
   )
-  p.add_argument(
-      "--skew",
-      choices=["none", "density", "bn"],
-      default="none",
-      help="the correction used for training (default none: the baseline)",
-  )
-  p.add_argument(
-      "--topology", choices=["rigl", "set", "static"], default="rigl"
+  add_sparse_options(
+      p,
+      skew="none",
+      skew_help="the correction used for training (default none: the baseline)",
+      skew_modes=BN_SKEW_MODES,
   )
   p.add_argument("--sparsity", type=float, default=0.9)
   p.add_argument(
@@ -470,20 +465,10 @@ def parse_args(argv):
       default=None,
       help="steps between traced mean slopes, 0 for none (default 5; smoke 2)",
   )
-  p.add_argument("--seed", type=int, default=0)
   p.add_argument(
       "--devices", type=int, default=1, help="devices of the data-parallel mesh"
   )
-  p.add_argument("--data-dir", default=None)
-  p.add_argument(
-      "--smoke", action="store_true", help="4 steps of batch 16: a tiny run"
-  )
-  p.add_argument(
-      "--out", default=DEFAULT_OUT, help="directory of skew<tag>.json / .png"
-  )
-  p.add_argument(
-      "--tag", default="", help="suffix of the output files: skew<tag>.json"
-  )
+  add_seed_and_data(p)
   return p.parse_args(argv)
 
 
@@ -491,13 +476,11 @@ def main(argv: list[str] | None = None) -> dict:
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
   smoke = args.smoke
-  steps = args.steps or (4 if smoke else 300)
-  args.probe_batches = args.probe_batches or (2 if smoke else 4)
-  if args.trace_every is None:
-    args.trace_every = 2 if smoke else 5
+  fill_defaults(args, steps=(300, 4), probe_batches=(4, 2), trace_every=(5, 2))
+  steps = args.steps
   overrides = dict(
       steps=steps,
-      skew=None if args.skew == "none" else args.skew,
+      skew=skew_value(args.skew),
       topology=args.topology,
       sparsity=args.sparsity,
       seed=args.seed,
@@ -560,12 +543,11 @@ def main(argv: list[str] | None = None) -> dict:
         ),
     }
 
-  print(
+  log(
       f"== skew: {cfg.model} {cfg.sparsity:.0%} {cfg.distribution}"
       f" {cfg.topology} skew={cfg.skew}, {steps} steps of batch"
       f" {cfg.batch_size} on {mesh.devices.size} device(s); {len(sparse_paths)}"
-      " sparse layers",
-      flush=True,
+      " sparse layers"
   )
   t0 = time.perf_counter()
   at_init = measure(probe, state, probe_batches, sparse_paths)
@@ -583,11 +565,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.trace_every and (step % args.trace_every == 0 or step == steps):
       trace.append(trace_point(step))
     if step % 50 == 0 or step == steps:
-      print(
+      log(
           f"  step {step}: loss"
           f" {float(np.mean(jax.device_get(losses[-10:]))):.3f}"
-          f" ({time.perf_counter() - t0:.0f} s)",
-          flush=True,
+          f" ({time.perf_counter() - t0:.0f} s)"
       )
   jax.block_until_ready(state)
   t_train = time.perf_counter() - t0
@@ -624,12 +605,8 @@ def main(argv: list[str] | None = None) -> dict:
     stages[stage] = s
   k = min(10, steps)
   results = {
-      "benchmark": "skew",
-      "machine": machine,
-      "command": "python benchmarks/skew.py " + " ".join(argv),
-      "smoke": smoke,
+      **results_header("skew", argv, args, machine),
       "preset": PRESET,
-      "args": vars(args),
       "config": dataclasses.asdict(cfg),
       "end_step": end_step,
       "mask_update_steps": [

@@ -39,7 +39,6 @@ per weight) and ``<out>/step_cost.png``, and prints markdown tables.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -61,11 +60,19 @@ from sparseopt_jax.training import input as input_lib
 from sparseopt_jax.training import presets, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, save_figure  # noqa: E402  (benchmarks/ is not a package)
-
-DEFAULT_OUT = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "results"
+from common import (  # noqa: E402  (benchmarks/ is not a package)
+    command,
+    fill_defaults,
+    log,
+    machine_info,
+    make_parser,
+    pyplot,
+    record_end_load,
+    save_figure,
+    timed,
+    write_json,
 )
+
 DELTA_T = 100
 BAR_ORDINARY = 1.03
 BAR_AMORTISED = 1.05
@@ -248,10 +255,9 @@ class Arm:
         info,
         max(1, info.num_train // spec.batch_size),
     )
-    t0 = time.perf_counter()
-    state = train.create_train_state(self.setup, spec.image_shape)
-    jax.block_until_ready(state)
-    self.build_s = time.perf_counter() - t0
+    state, self.build_s, _ = timed(
+        train.create_train_state, self.setup, spec.image_shape
+    )
     self.bytes = state_bytes(state)
     self.bytes["opt_state_leaves"] = len(jax.tree.leaves(state.opt_state))
     if (
@@ -260,9 +266,9 @@ class Arm:
       state = state.replace(opt_state=_with_step(state.opt_state, 1))
     self.state = jax.device_put(state, NamedSharding(mesh, P()))
     jitted, _, _ = train.jit_steps(self.setup, mesh)
-    t0 = time.perf_counter()
-    self.step = jitted.lower(self.state, batch, self.mask_update).compile()
-    self.compile_s = time.perf_counter() - t0
+    self.step, self.compile_s, _ = timed(
+        lambda: jitted.lower(self.state, batch, self.mask_update).compile()
+    )
     self.hlo = hlo_stats(self.step)
     self.times: list[float] = []  # wall seconds per timed step
     self.cpu_times: list[float] = (
@@ -274,10 +280,8 @@ class Arm:
 
   def run(self, batch) -> tuple[float, float]:
     """One train step, blocked on: (wall seconds, CPU seconds of this process)."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    self.state, metrics = self.step(self.state, batch)
-    jax.block_until_ready((self.state, metrics))
-    return time.perf_counter() - t0, time.process_time() - c0
+    (self.state, _), wall, cpu = timed(self.step, self.state, batch)
+    return wall, cpu
 
   def start_optimizer_only(self, seed: int = 0) -> None:
     """Compile the optimizer part of the step alone: ``tx.update`` + apply, on fixed grads.
@@ -313,22 +317,20 @@ class Arm:
         grads,
         self.state.batch_stats,
     ]
-    t0 = time.perf_counter()
-    self.opt_step = (
-        jax.jit(opt_step, donate_argnums=(0, 1)).lower(*self.opt_args).compile()
+    jitted = jax.jit(opt_step, donate_argnums=(0, 1))
+    self.opt_step, self.opt_compile_s, _ = timed(
+        lambda: jitted.lower(*self.opt_args).compile()
     )
-    self.opt_compile_s = time.perf_counter() - t0
     self.opt_hlo = hlo_stats(self.opt_step)
     self.run_optimizer_only()
 
   def run_optimizer_only(self) -> tuple[float, float]:
     params, opt_state, grads, stats = self.opt_args
-    t0, c0 = time.perf_counter(), time.process_time()
-    params, opt_state = self.opt_step(params, opt_state, grads, stats)
-    jax.block_until_ready((params, opt_state))
-    dt = time.perf_counter() - t0, time.process_time() - c0
+    (params, opt_state), wall, cpu = timed(
+        self.opt_step, params, opt_state, grads, stats
+    )
     self.opt_args = [params, opt_state, grads, stats]
-    return dt
+    return wall, cpu
 
   def stop_optimizer_only(self) -> None:
     self.opt_args = self.opt_step = None
@@ -369,14 +371,10 @@ def init_costs(spec: ModelSpec, dtype: str, seed: int = 0) -> dict[str, float]:
       make_config(spec, ARMS["rigl"][0], dtype), info, 1000
   )
   x = jnp.zeros((1, *spec.image_shape), jnp.float32)
-  t0 = time.perf_counter()
-  variables = jax.block_until_ready(
-      setup.model.init(jax.random.PRNGKey(seed), x, train=True)
+  variables, model_s, _ = timed(
+      setup.model.init, jax.random.PRNGKey(seed), x, train=True
   )
-  model_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  jax.block_until_ready(setup.tx.init(variables["params"]))
-  tx_s = time.perf_counter() - t0
+  _, tx_s, _ = timed(setup.tx.init, variables["params"])
   return {
       "model_init_eager_s": model_s,
       "tx_init_eager_s": tx_s,
@@ -788,11 +786,7 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> str:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = pyplot()
   names = list(results["models"])
   fig, axes = plt.subplots(
       2, len(names), figsize=(5.5 * len(names), 7.5), squeeze=False
@@ -869,7 +863,9 @@ def plot(results: dict, path: str) -> str:
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = make_parser(
+      __doc__, "step_cost", smoke="tiny widths and batches, 3 rounds"
+  )
   p.add_argument(
       "--models",
       nargs="+",
@@ -912,17 +908,6 @@ def parse_args(argv):
   )
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   p.add_argument(
-      "--smoke", action="store_true", help="tiny widths and batches, 3 rounds"
-  )
-  p.add_argument(
-      "--out", default=DEFAULT_OUT, help="directory of step_cost.json / .png"
-  )
-  p.add_argument(
-      "--tag",
-      default="",
-      help="suffix of the output files: step_cost<tag>.json",
-  )
-  p.add_argument(
       "--merge",
       action="store_true",
       help=(
@@ -936,16 +921,14 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   specs = SMOKE if args.smoke else MODELS
-  model_names = args.models or (
-      ["resnet20"] if args.smoke else ["resnet20", "resnet50"]
+  fill_defaults(
+      args,
+      models=(["resnet20", "resnet50"], ["resnet20"]),
+      rounds=(15, 3),
+      warmup=(2, 1),
+      opt_rounds=(30, 0),
   )
-  rounds = args.rounds or (3 if args.smoke else 15)
-  warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
-  opt_rounds = (
-      args.opt_rounds
-      if args.opt_rounds is not None
-      else (0 if args.smoke else 30)
-  )
+  model_names, rounds, warmup = args.models, args.rounds, args.warmup
   arm_names = list(dict.fromkeys(args.arms))
   if "dense_sgd" not in arm_names:
     arm_names.insert(0, "dense_sgd")
@@ -959,10 +942,7 @@ def main(argv: list[str] | None = None) -> dict:
           "amortised": BAR_AMORTISED,
           "mask_bytes_per_weight": BAR_MASK_BYTES,
       },
-      "command": (
-          "python benchmarks/step_cost.py "
-          + " ".join(sys.argv[1:] if argv is None else argv)
-      ),
+      "command": command("step_cost", argv),
       "models": {},
   }
   t0 = time.perf_counter()
@@ -970,7 +950,7 @@ def main(argv: list[str] | None = None) -> dict:
     r = rounds
     if name == "resnet50" and not args.smoke:
       r = args.rounds_resnet50 or min(rounds, 5)
-    print(f"== {name}: {r} rounds, arms {arm_names}", flush=True)
+    log(f"== {name}: {r} rounds, arms {arm_names}")
     t_model = time.perf_counter()
     res = bench_model(
         name,
@@ -979,19 +959,15 @@ def main(argv: list[str] | None = None) -> dict:
         r,
         warmup,
         args.dtype,
-        opt_rounds=opt_rounds,
-        log=lambda s: print(s, flush=True),
+        opt_rounds=args.opt_rounds,
+        log=log,
     )
     res["wall_s"] = time.perf_counter() - t_model
     res["machine"], res["command"] = machine_info(), results["command"]
     results["models"][name] = res
   results["wall_s"] = time.perf_counter() - t0
-  try:
-    results["machine"]["loadavg_end_1_5_15"] = list(os.getloadavg())
-  except OSError:  # pragma: no cover
-    pass
+  record_end_load(results["machine"])
 
-  os.makedirs(args.out, exist_ok=True)
   json_path = os.path.join(args.out, f"step_cost{args.tag}.json")
   if args.merge and os.path.exists(json_path):
     # Keep the other models of an earlier run (each with its own machine, date and command).
@@ -1010,8 +986,7 @@ def main(argv: list[str] | None = None) -> dict:
         res.setdefault("command", old.get("command"))
         kept[name] = res
     results["models"] = {**kept, **results["models"]}
-  with open(json_path, "w") as f:
-    json.dump(results, f, indent=2)
+  write_json(results, json_path, indent=2)
   png_path = plot(results, os.path.join(args.out, f"step_cost{args.tag}.png"))
   print(markdown(results))
   print(f"\nwrote {json_path} and {png_path}")
