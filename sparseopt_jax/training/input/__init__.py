@@ -46,9 +46,12 @@ Training, for ``N`` examples, a per-process batch ``b``, process ``p`` of
 
 ``Dataset.train_dataset(b, seed=s)`` returns it: element ``t`` is the batch of
 global step ``t``, computed by random access.  ``train_batches(b, seed=s,
-start_step=k)`` iterates ``train_dataset(b, seed=s)[k:]`` with Grain's
-prefetch threads.  Evaluation is ``MapDataset.range(num_eval_batches)``
-mapped to the keys, the records and the padded, normalised batch.
+start_step=k)`` iterates ``train_dataset(b, seed=s)[k:]`` as a Grain
+iterator: with prefetch threads for streamed JPEGs, without for data in memory
+(its numpy batch takes under a millisecond, which JAX's asynchronous dispatch
+overlaps with the device step).  Evaluation is
+``MapDataset.range(num_eval_batches)`` mapped to the keys, the records and the
+padded, normalised batch.
 
 Determinism and resumption
 --------------------------

@@ -151,7 +151,7 @@ class Dataset:
 
   Built from a random-access ``Source`` per split and the transforms of the
   dataset; ``train_dataset`` / ``eval_dataset`` are the Grain pipelines and
-  ``train_batches`` / ``eval_batches`` iterate them with prefetching.
+  ``train_batches`` / ``eval_batches`` iterate them with ``read_options``.
   """
 
   def __init__(
