@@ -7,7 +7,8 @@
 Arms (every one with the same seeds, data order, initial weights and initial masks):
 dense SGD; RigL and SET with skew=None (the baseline), "density" (the paper) and
 "bn"; RigL with grow_with="corrected" at the first sparsity; at 95%, RigL with
-HAM (``--ham``) alone and with the density correction. Each arm trains with
+HAM (``--ham``) alone and with the density correction; constant fan-in RigL
+(``--structure fan_in``) without and with the correction. Each arm trains with
 the training program (``sparseopt_jax.training.train.run``) into its own workdir, which is
 reused if complete, so an interrupted sweep resumes where it stopped.
 
@@ -82,6 +83,21 @@ def default_arms(sparsities) -> list[Arm]:
           Arm(
               f"rigl95_{skew}_ham" if skew else "rigl95_ham",
               {"sparsity": 0.95, "topology": "rigl", "skew": skew, "ham": True},
+          )
+      )
+  # Constant fan-in RigL (structure="fan_in"), uncorrected and corrected: removes
+  # the per-neuron density skew by construction (the correction is the identity).
+  for s in sparsities:
+    for skew in (None, "density"):
+      arms.append(
+          Arm(
+              f"rigl{round(s * 100)}_fanin_{skew or 'base'}",
+              {
+                  "sparsity": s,
+                  "topology": "rigl",
+                  "skew": skew,
+                  "structure": "fan_in",
+              },
           )
       )
   return arms
@@ -288,6 +304,17 @@ def summarize(args, runs) -> list[dict]:
       row["paired_delta_std"] = (
           100 * float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
       )
+      # Constant fan-in is also paired with the corrected unstructured arm, and
+      # its corrected arm with its uncorrected one.
+      stem = base[: -len("_base")]
+      for other in (f"{stem}_density", f"{stem}_fanin_base"):
+        if arm.overrides.get("structure") and other != name and other in runs:
+          diffs = final - curve(runs[other])[1][:, -1]
+          key = other[len(stem) + 1 :]
+          row[f"delta_vs_{key}"] = 100 * float(diffs.mean())
+          row[f"paired_delta_vs_{key}_std"] = (
+              100 * float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
+          )
       # SparseOpt + HAM is also paired with HAM alone (the paper's Table 3).
       ham = f"{base[: -len('_base')]}_ham"
       if arm.overrides.get("ham") and name != ham and ham in runs:
