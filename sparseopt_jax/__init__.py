@@ -46,6 +46,7 @@ _LAZY = {
     "remask": "sparseopt_jax.flax_support.nnx",
     "SparseTrainState": "sparseopt_jax.flax_support.linen",
     "bn_pairs": "sparseopt_jax.flax_support.linen",
+    "ln_leaves": "sparseopt_jax.flax_support.linen",
 }
 
 

@@ -61,6 +61,7 @@ def sparseopt(
     neuron_axis: int | None = None,
     bn_floor: float = 0.1,
     structure: str | None = None,
+    ln_leaves: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SparseOpt: dynamic sparse training with normalisation-aware skew correction.
 
@@ -82,8 +83,9 @@ def sparseopt(
     drop_fraction: alpha, cosine-decayed to 0 at ``end_step``.
     end_step: no mask update at or after this step; required unless static.
     skew: ``"density"`` (c_i = sqrt(d_i / d_avg), the paper), ``"bn"`` (from
-      the BatchNorm running variance; ``update`` takes ``batch_stats=``) or None
-      (plain dynamic sparse training).
+      the BatchNorm running variance; ``update`` takes ``batch_stats=``),
+      ``"layernorm"`` (c_g = sqrt(D_g / D) per LayerNorm group of the
+      ``ln_leaves`` kernels) or None (plain dynamic sparse training).
     grow_with: the gradient RigL's grow criterion ranks: ``"raw"`` (the paper's
       best exploration) or ``"corrected"``.
     sparse_filter: which leaves are sparse (default: ndim >= 2).
@@ -93,6 +95,11 @@ def sparseopt(
     neuron_axis: the neuron axis of every sparse leaf; None (default) by role:
       the last axis, and (head, head_dim) of attention's query/key/value kernels.
     bn_floor: least factor in ``"bn"`` mode.
+    ln_leaves: for ``skew="layernorm"``, the kernels whose output a LayerNorm
+      normalises directly (paths, or ``{path: trailing neuron axes the norm
+      averages over}``; :func:`~sparseopt_jax.flax_support.linen.ln_leaves`
+      finds them). Each group of such a kernel gets c_g = sqrt(D_g / D); every
+      other leaf is left unscaled (docs/layernorm_skew.md).
     structure: None (unstructured), ``"fan_in"`` (every neuron keeps the same
       number of incoming weights, so every density factor is exactly 1 and
       ``skew="density"`` is the identity) or ``"N:M"`` like ``"2:4"`` (N active
@@ -123,7 +130,11 @@ def sparseopt(
       None
       if skew is None
       else skew_lib.skew_correct(
-          skew, bn_pairs=bn_pairs, neuron_axis=neuron_axis, bn_floor=bn_floor
+          skew,
+          bn_pairs=bn_pairs,
+          neuron_axis=neuron_axis,
+          bn_floor=bn_floor,
+          ln_leaves=ln_leaves,
       )
   )
 
@@ -149,6 +160,22 @@ def sparseopt(
             " formula; map each kernel to the BatchNorm after it, or use"
             " skew='density'"
         )
+    if skew == "layernorm" and not tree_lib.is_params_placeholder(params):
+      sparse = {
+          tree_lib.path_str(p)
+          for p, m in jax.tree_util.tree_leaves_with_path(
+              state.topology.masks, is_leaf=tree_lib.is_none
+          )
+          if not tree_lib.is_none(m)
+      }
+      named = set(skew_lib.check_ln_leaves(ln_leaves))
+      if sparse and not sparse & named:
+        raise ValueError(
+            "skew='layernorm' but ln_leaves names none of the sparse leaves"
+            f" {sorted(sparse)[:5]} (it names {sorted(named)[:5]}): every"
+            " factor would be 1; name the kernels whose output a LayerNorm"
+            " normalises, or use skew=None"
+        )
     return state
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -165,7 +192,11 @@ def sparseopt(
           updates,
           skew_state,
           params,
-          density_factors=state.topology.density_factors,
+          **(
+              {"masks": state.topology.masks}
+              if skew == "layernorm"
+              else {"density_factors": state.topology.density_factors}
+          ),
           **extra_args,
       )
     updates, topo_state = topo.update(

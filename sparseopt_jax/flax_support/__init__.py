@@ -1,7 +1,8 @@
 """Bridges from the Optax transforms to Flax: one module per Flax API.
 
 * :mod:`sparseopt_jax.flax_support.linen`: ``bn_pairs`` (which BatchNorm
-  normalises each kernel) and ``SparseTrainState``.
+  normalises each kernel), ``ln_leaves`` (which kernels a LayerNorm
+  normalises directly) and ``SparseTrainState``.
 * :mod:`sparseopt_jax.flax_support.nnx`: ``SparseOptimizer``, ``remask`` and
   ``nnx_batch_stats``.
 

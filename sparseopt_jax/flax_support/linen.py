@@ -1,7 +1,8 @@
-"""Flax linen bridge: which BatchNorm normalises each kernel, and a sparse ``TrainState``.
+"""Flax linen bridge: which norm follows each kernel, and a sparse ``TrainState``.
 
 :func:`bn_pairs` traces a linen model once to map each kernel to its BatchNorm
-(what ``skew="bn"`` reads).
+(what ``skew="bn"`` reads); :func:`ln_leaves` finds the kernels whose output a
+LayerNorm normalises directly (what ``skew="layernorm"`` corrects).
 
 ``flax.training.train_state.TrainState.apply_gradients`` ends with
 ``optax.apply_updates`` and passes no extra arguments to ``tx.update``: with a
@@ -209,4 +210,90 @@ def bn_pairs(
           f" output neurons of kernel {kname!r} (shape {tuple(leaf.shape)})"
       )
     result[kname] = bname
+  return result
+
+
+# ---------------------------------------------------------------------------
+# Kernels a LayerNorm normalises directly
+# ---------------------------------------------------------------------------
+
+
+def ln_leaves(model: nn.Module, sample_input, **call_kwargs) -> dict[str, int]:
+  """Maps every kernel whose output a LayerNorm normalises directly to its group axes.
+
+  What ``skew="layernorm"`` needs (docs/layernorm_skew.md): a LayerNorm
+  divides all the features it averages over by one RMS, so a kernel feeding
+  it has one skew factor per group of those features. Traced once, abstractly,
+  as :func:`bn_pairs` is: a kernel is mapped when its output array itself is
+  the input of an ``nn.LayerNorm`` or ``nn.RMSNorm``, to k, the number of the
+  output's trailing axes the norm reduces over (1 for a Dense kernel: the
+  whole layer is one group; 1 for QK-norm after a (in, heads, head_dim)
+  kernel: one group per head). Kernels whose output reaches a norm only
+  through a residual add (post-LN blocks) or not at all (pre-LN blocks, whose
+  norms precede the kernels) are left out: their norm adds no density factor
+  of their own.
+
+  Args:
+    model: a linen module.
+    sample_input: an array, a ``jax.ShapeDtypeStruct`` or a pytree of those.
+    **call_kwargs: forwarded to ``model.init``.
+
+  Returns:
+    ``{kernel path: k}``, e.g. ``{'block0/attn/query/kernel': 1,
+    'block0/attn/key/kernel': 1, ...}`` for a ViT with QK-norm; ``{}`` for a
+    plain pre-LN ViT.
+
+  Raises:
+    ValueError: if a kernel feeds two norms with different groups, or a norm
+    reduces over axes that are not trailing.
+  """
+  producers: list[tuple[Any, tuple[str, ...]]] = []
+  consumers: list[tuple[Any, int]] = []  # (input array, trailing axes reduced)
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "setup":
+      return out
+    module = context.module
+    x = _first_input(args, kwargs)
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and x is not None:
+      ndim = len(x.shape)
+      axes = module.reduction_axes
+      axes = (axes,) if isinstance(axes, int) else tuple(axes)
+      axes = sorted(a % ndim for a in axes)
+      if axes != list(range(ndim - len(axes), ndim)):
+        raise ValueError(
+            f"the norm {'/'.join(module.scope.path)!r} reduces over axes"
+            f" {module.reduction_axes} of a {ndim}-d input, not trailing"
+            " ones: its groups are not a kernel's output features"
+        )
+      consumers.append((x, len(axes)))
+    elif _own_variable(module, "params", "kernel") and isinstance(
+        out, jax.Array
+    ):
+      producers.append((out, tuple(module.scope.path)))
+    return out
+
+  def abstract(a):
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+      a = np.asarray(a)
+    return jax.ShapeDtypeStruct(tuple(a.shape), a.dtype)
+
+  def init(x):
+    key = jax.random.key(0)
+    with nn.intercept_methods(interceptor):
+      return model.init({"params": key, "dropout": key}, x, **call_kwargs)
+
+  jax.eval_shape(init, jax.tree.map(abstract, sample_input))
+  result: dict[str, int] = {}
+  for out, kpath in producers:
+    for x, k in consumers:
+      if x is out:
+        name = "/".join(kpath + ("kernel",))
+        if result.get(name, k) != k:
+          raise ValueError(
+              f"kernel {name!r} feeds norms over {result[name]} and {k}"
+              " trailing axes; its groups are ambiguous"
+          )
+        result[name] = k
   return result
