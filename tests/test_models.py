@@ -323,6 +323,8 @@ def test_get_model():
       "resnet56",
       "resnet18",
       "resnet50",
+      "vit",
+      "vitqknorm",
   }
   m = get_model("resnet20", num_classes=100, num_filters=4)
   assert (
@@ -341,3 +343,97 @@ def test_get_model():
   with pytest.raises(ValueError, match="resnet_999") as exc:
     get_model("resnet_999")
   assert "resnet20" in str(exc.value)
+
+
+# ---------------------------------------------------------------------------
+# 4. Vision Transformer
+# ---------------------------------------------------------------------------
+
+
+def _tiny_vit(**kw):
+  from sparseopt_jax.training.models import ViT
+
+  return ViT(num_classes=NUM_CLASSES, width=16, depth=2, num_heads=2, **kw)
+
+
+def test_vit_shapes_and_param_roles():
+  import sparseopt_jax as so
+  from sparseopt_jax.training.models import VIT_SPARSE_FILTER
+
+  model = _tiny_vit()
+  x = jax.random.normal(jax.random.key(1), (BATCH, 28, 28, 1), jnp.float32)
+  variables = jax.jit(model.init)(_key(0), x)
+  assert set(variables) == {"params"}  # no BatchNorm: no batch_stats
+  shapes = {
+      so.tree.path_str(p): tuple(v.shape)
+      for p, v in jax.tree_util.tree_leaves_with_path(variables["params"])
+  }
+  assert shapes["patch_embed/kernel"] == (7, 7, 1, 16)  # 7x7 patches: 16 tokens
+  assert shapes["pos_embedding"] == (1, 16, 16)
+  assert shapes["block0/attn/query/kernel"] == (
+      16,
+      2,
+      8,
+  )  # (width, heads, head_dim)
+  assert shapes["block0/attn/out/kernel"] == (2, 8, 16)
+  assert shapes["block1/mlp/fc1/kernel"] == (16, 64)  # mlp_ratio 4
+  assert shapes["block1/mlp/fc2/kernel"] == (64, 16)
+  assert shapes["head/kernel"] == (16, NUM_CLASSES)
+  assert {"block0/ln1/scale", "block0/ln2/scale", "ln_final/scale"} <= set(
+      shapes
+  )
+  out = model.apply(variables, x, train=True)
+  assert out.shape == (BATCH, NUM_CLASSES) and out.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(out)))
+  np.testing.assert_array_equal(out, model.apply(variables, x, train=False))
+  # SparseOpt's sparse leaves: the attention and MLP kernels only; embeddings,
+  # norms, biases, pre-logits and head stay dense.
+  keep = so.tree.make_sparse_filter(VIT_SPARSE_FILTER)
+  sparse = set(so.tree.sparse_shapes(variables["params"], keep))
+  assert sparse == {
+      f"block{i}/{k}/kernel"
+      for i in range(2)
+      for k in (
+          "attn/query",
+          "attn/key",
+          "attn/value",
+          "attn/out",
+          "mlp/fc1",
+          "mlp/fc2",
+      )
+  }
+  # The neurons of query/key/value are (head, head_dim) pairs; of out and fc, the last axis.
+  assert so.tree.neuron_axes("block0/attn/key/kernel", 3) == (1, 2)
+  assert so.tree.neuron_axes("block0/attn/out/kernel", 3) == (2,)
+
+
+def test_vit_variants_and_registry():
+  x = jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.float32)
+
+  def shapes(**kw):
+    model = _tiny_vit(**kw)
+    variables = jax.eval_shape(model.init, _key(0), x)
+    return variables["params"], jax.eval_shape(model.apply, variables, x)
+
+  for kw in (
+      dict(norm_position="post"),
+      dict(norm_position="sandwich"),
+      dict(qk_norm=True),
+  ):
+    assert shapes(**kw)[1].shape == (2, NUM_CLASSES), kw
+  assert "query_ln" in shapes(qk_norm=True)[0]["block0"]["attn"]
+  assert {"ln1_post", "ln2_post"} <= set(
+      shapes(norm_position="sandwich")[0]["block0"]
+  )
+  assert "ln_final" not in shapes(norm_position="post")[0]
+  assert (
+      get_model("vit_qknorm", width=8).qk_norm and not get_model("vit").qk_norm
+  )
+  with pytest.raises(ValueError, match="divisible"):
+    jax.eval_shape(
+        _tiny_vit().init,
+        _key(0),
+        jax.ShapeDtypeStruct((1, 30, 30, 1), jnp.float32),
+    )
+  with pytest.raises(ValueError, match="norm_position"):
+    jax.eval_shape(_tiny_vit(norm_position="middle").init, _key(0), x)

@@ -1,4 +1,4 @@
-"""ResNet models (Flax linen).
+"""ResNet and Vision Transformer models (Flax linen).
 
 Architectures
 -------------
@@ -49,7 +49,13 @@ __all__ = [
     "ResNet56",
     "ResNet18",
     "ResNet50",
+    "MlpBlock",
+    "EncoderBlock",
+    "ViT",
+    "VIT_SPARSE_FILTER",
     "MODELS",
+    "SPARSE_FILTERS",
+    "WIDTH_FIELDS",
     "get_model",
 ]
 
@@ -266,6 +272,160 @@ class ResNet(nn.Module):
     return _head(self, x)
 
 
+class MlpBlock(nn.Module):
+  """The Transformer's position-wise MLP: ``fc2(gelu(fc1(x)))``."""
+
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dense = functools.partial(
+        nn.Dense,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(1e-6),
+    )
+    y = nn.gelu(dense(self.mlp_dim, name="fc1")(x))
+    return dense(x.shape[-1], name="fc2")(y)
+
+
+class EncoderBlock(nn.Module):
+  """A Transformer encoder block (Vaswani et al. 2017; ViT, Dosovitskiy et al. 2021).
+
+  Pre-LN (ViT's; Xiong et al. 2020): ``x + attn(ln1(x))``, then ``x +
+  mlp(ln2(x))``. Post-LN (the original Transformer's): ``ln1(x + attn(x))``,
+  then ``ln2(x + mlp(x))``. Sandwich (CogView's, Ding et al. 2021; Swin v2's
+  res-post-norm adds the same ``post`` norms): ``x + ln1_post(attn(ln1(x)))``,
+  then ``x + ln2_post(mlp(ln2(x)))``. ``qk_norm`` adds a LayerNorm over each
+  head's queries and keys (Dehghani et al. 2023, ViT-22B). Its kernels are ``attn/{query,key,value}/kernel``
+  (width, heads, head_dim), ``attn/out/kernel`` (heads, head_dim, width),
+  ``mlp/fc1/kernel`` (width, mlp_dim) and ``mlp/fc2/kernel`` (mlp_dim, width).
+  """
+
+  num_heads: int
+  mlp_dim: int
+  norm_position: str = "pre"
+  qk_norm: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    norm = functools.partial(
+        nn.LayerNorm, dtype=self.dtype, param_dtype=self.param_dtype
+    )
+    attn = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads,
+        qkv_features=x.shape[-1],
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        normalize_qk=self.qk_norm,
+        name="attn",
+    )
+    mlp = MlpBlock(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")
+    if self.norm_position == "post":
+      x = norm(name="ln1")(x + attn(x, x))
+      return norm(name="ln2")(x + mlp(x))
+    post = (
+        (lambda name: norm(name=name))
+        if self.norm_position == "sandwich"
+        else (lambda name: lambda y: y)
+    )
+    y = norm(name="ln1")(x)
+    x = x + post("ln1_post")(attn(y, y))
+    return x + post("ln2_post")(mlp(norm(name="ln2")(x)))
+
+
+class ViT(nn.Module):
+  """Vision Transformer (Dosovitskiy et al., ICLR 2021) for small images.
+
+  Non-overlapping ``patch_size`` patches embedded by a strided conv
+  (``patch_embed``), a learned positional embedding (``pos_embedding``),
+  ``depth`` encoder blocks (``block{i}``, pre-LN by default; see
+  :class:`EncoderBlock` for ``norm_position`` and ``qk_norm``), a final
+  LayerNorm (``ln_final``; not for post-LN), global average pooling over the
+  tokens (no class token), and an MLP head: ``pre_logits`` (width, tanh, as in
+  ViT's pre-training head) then ``head``. No BatchNorm, so no
+  ``batch_stats``; no dropout. Input NHWC with height and width divisible by
+  ``patch_size``; logits are returned in float32.
+
+  SparseOpt's sparse leaves are the attention and MLP kernels of the blocks
+  (:data:`VIT_SPARSE_FILTER`); the patch embedding, positional embedding and
+  head stay dense.
+  """
+
+  num_classes: int = 10
+  patch_size: int = 7
+  width: int = 128
+  depth: int = 4
+  num_heads: int = 4
+  mlp_ratio: int = 4
+  norm_position: str = "pre"
+  qk_norm: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train  # no dropout or BatchNorm: train and eval are the same function
+    if self.norm_position not in ("pre", "post", "sandwich"):
+      raise ValueError(
+          "norm_position must be 'pre', 'post' or 'sandwich', got"
+          f" {self.norm_position!r}"
+      )
+    p = self.patch_size
+    if x.shape[1] % p or x.shape[2] % p:
+      raise ValueError(
+          f"image {x.shape[1]}x{x.shape[2]} is not divisible into"
+          f" {p}x{p} patches"
+      )
+    x = nn.Conv(
+        self.width,
+        (p, p),
+        strides=(p, p),
+        padding="VALID",
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="patch_embed",
+    )(x)
+    x = x.reshape(x.shape[0], -1, self.width)
+    x = x + self.param(
+        "pos_embedding",
+        nn.initializers.normal(0.02),
+        (1, x.shape[1], self.width),
+        self.param_dtype,
+    )
+    for i in range(self.depth):
+      x = EncoderBlock(
+          self.num_heads,
+          self.mlp_ratio * self.width,
+          self.norm_position,
+          self.qk_norm,
+          self.dtype,
+          self.param_dtype,
+          name=f"block{i}",
+      )(x)
+    if self.norm_position != "post":
+      x = nn.LayerNorm(
+          dtype=self.dtype, param_dtype=self.param_dtype, name="ln_final"
+      )(x)
+    x = jnp.mean(x, axis=1)
+    dense = functools.partial(
+        nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype
+    )
+    x = jnp.tanh(dense(self.width, name="pre_logits")(x))
+    x = dense(self.num_classes, name="head")(x)
+    return jnp.asarray(x, jnp.float32)
+
+
+# The ViT's sparse leaves: the blocks' attention and MLP kernels.
+VIT_SPARSE_FILTER = r"^block\d+/(attn/(query|key|value|out)|mlp/fc[12])/kernel$"
+
+
 ResNet20 = functools.partial(
     CifarResNet, stage_sizes=(3, 3, 3), block_cls=BasicBlock
 )
@@ -288,7 +448,24 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet56": ResNet56,
     "resnet18": ResNet18,
     "resnet50": ResNet50,
+    "vit": ViT,
+    "vitqknorm": functools.partial(ViT, qk_norm=True),
 }
+
+# Per model, the leaves SparseOpt makes sparse when the run does not say (None:
+# the library's default, every kernel).
+SPARSE_FILTERS: dict[str, str | None] = {
+    "vit": VIT_SPARSE_FILTER,
+    "vitqknorm": VIT_SPARSE_FILTER,
+}
+
+# Per model, the attribute ``--width`` sets (default ``num_filters``).
+WIDTH_FIELDS: dict[str, str] = {"vit": "width", "vitqknorm": "width"}
+
+
+def model_key(name: str) -> str:
+  """The ``MODELS`` key of ``name``: lower case, '-' and '_' ignored."""
+  return str(name).lower().replace("-", "").replace("_", "")
 
 
 def get_model(name: str, **kwargs) -> nn.Module:
@@ -297,7 +474,7 @@ def get_model(name: str, **kwargs) -> nn.Module:
   ``kwargs`` override attributes, e.g. ``get_model("resnet20", num_classes=100)``.
   Raises ``ValueError`` naming the unknown model and the known ones.
   """
-  key = str(name).lower().replace("-", "").replace("_", "")
+  key = model_key(name)
   if key not in MODELS:
     raise ValueError(f"Unknown model {name!r}; known models: {sorted(MODELS)}")
   return MODELS[key](**kwargs)
