@@ -209,13 +209,12 @@ def _select_rows(
   ``k[i] <= kmax`` (static) and ``k[i] <=`` the candidates of row i; the same
   (score, tie key) order as the unstructured path, so exactly ``k[i]`` per row.
   """
-  low = (
-      -jnp.inf
-      if jnp.issubdtype(score.dtype, jnp.floating)
-      else jnp.iinfo(score.dtype).min
-  )
+  floating = jnp.issubdtype(score.dtype, jnp.floating)
+  low = -jnp.inf if floating else jnp.iinfo(score.dtype).min
+  high = jnp.inf if floating else jnp.iinfo(score.dtype).max
   s = jnp.where(candidates, score, low)
-  threshold = _row_pick(s, k, kmax)
+  # A row that takes nothing has no ties to break.
+  threshold = jnp.where(k[:, None] > 0, _row_pick(s, k, kmax), high)
   above = s > threshold
   tied = candidates & (s == threshold)
   r = k - jnp.sum(above, axis=1, dtype=jnp.int32)
@@ -239,8 +238,8 @@ def _new_structured_leaf_mask(
   """The leaf's mask after dropping and growing ``k`` weights inside its rows.
 
   Row i (a neuron for fan_in, a group for N:M) drops ``k // rows`` weights, one
-  more for ``k % rows`` rows picked by a seeded permutation, and grows as many
-  as it dropped: every row keeps its count, the leaf drops ``k`` in all.
+  more for ``k % rows`` rows picked by a seeded permutation (at most ``kmax``),
+  and grows as many as it dropped: every row keeps its count.
   """
   spec = _explicit_spec(mask)
   gather = lambda x: (
