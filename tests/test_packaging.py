@@ -50,6 +50,7 @@ CORE_TESTS = (
     "test_schedule.py",
     "test_sharding.py",
     "test_skew.py",
+    "test_structure.py",
     "test_transforms.py",
     "test_validation.py",
 )
