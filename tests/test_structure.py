@@ -594,7 +594,8 @@ def test_unstructured_masks_unchanged_by_the_option():
 
 
 def test_training_program_takes_structure():
-  pytest.importorskip("flax")  # the training program needs Flax
+  for module in ("flax", "grain"):  # the training program's ([train] extra)
+    pytest.importorskip(module)
   from sparseopt_jax.training import presets, train
 
   parse = lambda *flags: train.config_from_args(
