@@ -306,3 +306,99 @@ def test_the_corrected_skew_metric_measures_the_correction_that_ran():
       > 1e-2
   )
   assert "skew_slope_corrected" not in out[None]
+
+
+# ---------------------------------------------------------------------------
+# The sparse ViT preset: no BatchNorm, AdamW, skew="layernorm"
+
+TINY_VIT = dict(
+    width=8,
+    steps=20,
+    batch_size=32,
+    train_subset=1024,
+    eval_every=10,
+    checkpoint_every=10,
+    update_every=5,
+    log_every=5,
+)
+
+
+def tiny_vit(**overrides):
+  return presets.get_preset("fashion_mnist_vit", **{**TINY_VIT, **overrides})
+
+
+@pytest.mark.slow  # compiles a ViT's two train-step variants, eval and probe: > 15 s
+def test_vit_preset_gives_the_same_metrics_checkpoints_and_plot(tmp_path):
+  cfg = tiny_vit()
+  assert (cfg.model, cfg.optimizer, cfg.skew) == (
+      "vit_qknorm",
+      "adamw",
+      "layernorm",
+  )
+  state, _ = run(cfg, tmp_path / "run")
+  assert state.batch_stats == {}
+  rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [0, 10, 20]
+  assert rows[-1]["test_loss"] < rows[0]["test_loss"]
+  for key in (
+      "train_loss",
+      "test_accuracy",
+      "sparsity",
+      "params_sparsity",
+      "density_spread",
+      "exploration",
+      "skew_slope_raw",
+      "skew_slope_corrected",
+      "images_per_s",
+      "wall_time",
+  ):
+    assert np.isfinite(rows[-1][key]), key
+  assert rows[-1]["pruned_nonzero"] == 0
+  assert rows[-1]["exploration"] > rows[0]["exploration"]  # RigL moved weights
+  # Only the blocks' attention and MLP kernels are sparse.
+  leaves = so.sparsity_summary(state.opt_state)["leaves"]
+  assert leaves and all("/attn/" in p or "/mlp/" in p for p in leaves), sorted(
+      leaves
+  )
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["10", "20"]
+  png = tmp_path / "vit.png"
+  assert train.main(["plot", str(tmp_path / "run"), "--out", str(png)]) == 0
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow  # three short ViT runs
+def test_vit_resume_equals_training_straight(tmp_path):
+  straight, _ = run(tiny_vit(), tmp_path / "a")
+  run(tiny_vit(), tmp_path / "b", stop_at=10)
+  resumed, _ = run(tiny_vit(), tmp_path / "b", resume=True)
+  chex.assert_trees_all_close(straight.params, resumed.params, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(skew="density"),
+        dict(skew=None, optimizer="sgd", learning_rate=0.05),
+    ],
+)
+def test_vit_other_modes_run_end_to_end(tmp_path, overrides):
+  _, row = run(tiny_vit(steps=10, **overrides), tmp_path)
+  assert np.isfinite(row["test_loss"]) and row["pruned_nonzero"] == 0
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--skew", "bn"], "no BatchNorm"),
+        (["--model", "vit", "--skew", "layernorm"], "nothing to correct"),
+    ],
+)
+def test_vit_skew_modes_with_nothing_to_read_fail_before_training(
+    tmp_path, capsys, flags, message
+):
+  workdir = tmp_path / "run"
+  argv = ["--preset", "fashion_mnist_vit", "--workdir", str(workdir), "--width"]
+  assert train.main([*argv, "8", "--train-subset", "256", *flags]) == 2
+  assert message in capsys.readouterr().err
+  assert not (workdir / "config.json").exists()

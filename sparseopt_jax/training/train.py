@@ -65,6 +65,7 @@ class Setup:
   num_steps: int
   steps_per_epoch: int
   bn_pairs: dict
+  ln_leaves: dict = dataclasses.field(default_factory=dict)
 
   @property
   def end_step(self) -> int:
@@ -87,7 +88,8 @@ class Setup:
 def build_model(cfg: presets.TrainConfig, info: input_lib.DatasetInfo):
   kwargs = {"num_classes": info.num_classes, "dtype": jnp.dtype(cfg.dtype)}
   if cfg.width is not None:
-    kwargs["num_filters"] = cfg.width
+    key = models.model_key(cfg.model)
+    kwargs[models.WIDTH_FIELDS.get(key, "num_filters")] = cfg.width
   return models.get_model(cfg.model, **kwargs)
 
 
@@ -105,8 +107,12 @@ def build_optimizer(
     num_steps: int,
     steps_per_epoch: int,
     bn_pairs: dict,
+    ln_leaves: dict | None = None,
 ) -> optax.GradientTransformation:
   """``chain(sparseopt(...), add_decayed_weights, sgd)``; no sparseopt for ``--dense``.
+
+  With ``--optimizer adamw`` the optimizer part is ``optax.adamw`` (decoupled
+  ``weight_decay`` on the ndim >= 2 leaves only, as for ViTs) instead.
 
   With ``--ham`` the optimizer part is ``so.ham(chain(add_decayed_weights,
   sgd), lr)``: HAM's hyperbolic step follows each SGD step, driven by the
@@ -117,6 +123,14 @@ def build_optimizer(
       optax.add_decayed_weights(cfg.weight_decay),
       optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov),
   ]
+  if cfg.optimizer == "adamw":
+    inner = [
+        optax.adamw(
+            schedule,
+            weight_decay=cfg.weight_decay,
+            mask=lambda p: jax.tree.map(lambda x: jnp.ndim(x) >= 2, p),
+        )
+    ]
   if cfg.ham:
     inner = [
         so.ham(
@@ -128,7 +142,7 @@ def build_optimizer(
     ]
   if cfg.dense:
     return optax.chain(*inner)
-  sparse_filter = None
+  sparse_filter = models.SPARSE_FILTERS.get(models.model_key(cfg.model))
   if cfg.dense_stem:
     sparse_filter = (
         lambda path, leaf: jnp.ndim(leaf) >= 2 and path != STEM_KERNEL
@@ -147,6 +161,7 @@ def build_optimizer(
           sparse_filter=sparse_filter,
           seed=cfg.seed,
           bn_pairs=bn_pairs,
+          ln_leaves=ln_leaves if cfg.skew == "layernorm" else None,
       ),
       *inner,
   )
@@ -158,11 +173,32 @@ def make_setup(
   """Model, optimizer and schedule of a run on data described by ``info``."""
   model = build_model(cfg, info)
   num_steps = cfg.steps or max(1, round(cfg.epochs * steps_per_epoch))
-  pairs = linen_bridge.bn_pairs(
-      model, jnp.zeros((1, *info.image_shape)), train=True
-  )
-  tx = build_optimizer(cfg, num_steps, steps_per_epoch, pairs)
-  return Setup(cfg, model, tx, num_steps, steps_per_epoch, pairs)
+  sample = jnp.zeros((1, *info.image_shape))
+  pairs = linen_bridge.bn_pairs(model, sample, train=True)
+  ln = linen_bridge.ln_leaves(model, sample, train=True)
+  _check_skew_fits_model(cfg, pairs, ln)
+  tx = build_optimizer(cfg, num_steps, steps_per_epoch, pairs, ln)
+  return Setup(cfg, model, tx, num_steps, steps_per_epoch, pairs, ln)
+
+
+def _check_skew_fits_model(cfg, pairs: dict, ln: dict) -> None:
+  """A correction with nothing to read in this model is a user error, raised before any work."""
+  if cfg.dense or cfg.skew is None:
+    return
+  if cfg.skew == "bn" and not any(v is not None for v in pairs.values()):
+    raise workdir_lib.UserError(
+        f"--skew bn reads BatchNorm running variances, but {cfg.model!r} has"
+        " no BatchNorm after a kernel; use --skew layernorm (kernels a"
+        " LayerNorm normalises), density or none"
+    )
+  if cfg.skew == "layernorm" and not ln:
+    raise workdir_lib.UserError(
+        f"--skew layernorm: no kernel of {cfg.model!r} feeds a LayerNorm"
+        " directly (pre-LN blocks normalise the kernels' inputs, which adds"
+        " no density factor; docs/layernorm_skew.md), so there is nothing to"
+        " correct; use --skew none, or a model with QK-norm (--model"
+        " vit_qknorm)"
+    )
 
 
 def create_train_state(
@@ -174,6 +210,7 @@ def create_train_state(
       key, jnp.zeros((1, *image_shape), jnp.float32)
   )
   params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})  # {}: no BatchNorm (a ViT)
   opt_state = setup.tx.init(
       params
   )  # masks drawn with numpy on the host: no compile
@@ -182,7 +219,7 @@ def create_train_state(
   return TrainState(
       step=jnp.zeros([], jnp.int32),
       params=params,
-      batch_stats=variables["batch_stats"],
+      batch_stats=batch_stats,
       opt_state=opt_state,
   )
 
@@ -199,7 +236,7 @@ def _loss(model, label_smoothing, params, batch_stats, batch, train):
       mutable=["batch_stats"] if train else False,
   )
   logits, new_stats = (
-      (out[0], out[1]["batch_stats"]) if train else (out, batch_stats)
+      (out[0], out[1].get("batch_stats", {})) if train else (out, batch_stats)
   )
   targets = jax.nn.one_hot(batch["label"], logits.shape[-1])
   if label_smoothing:
@@ -305,7 +342,9 @@ def make_skew_probe(setup: Setup):
       None
       if cfg.skew is None
       else so.skew_correct(
-          cfg.skew, bn_pairs=setup.bn_pairs if cfg.skew == "bn" else None
+          cfg.skew,
+          bn_pairs=setup.bn_pairs if cfg.skew == "bn" else None,
+          ln_leaves=setup.ln_leaves if cfg.skew == "layernorm" else None,
       )
   )
   grad_fn = make_grad_fn(setup)
@@ -685,7 +724,10 @@ FLAG_HELP = {
     "dataset": (
         "fashion_mnist (offline), cifar10, cifar100 or imagenet2012 (TFDS)"
     ),
-    "model": "resnet20/32/56 (CIFAR) or resnet18/50 (ImageNet)",
+    "model": (
+        "resnet20/32/56 (CIFAR), resnet18/50 (ImageNet), vit or vit_qknorm"
+        " (a ViT, pre-LN; with QK-norm)"
+    ),
     "width": "channels of the first stage (the model's own if unset)",
     "data_dir": (
         "where the data lives (IDX files for fashion_mnist, a TFDS data_dir)"
@@ -696,6 +738,7 @@ FLAG_HELP = {
     "steps": "training length in steps (overrides --epochs)",
     "learning_rate": "peak learning rate (cosine decay)",
     "warmup_epochs": "linear warm-up epochs",
+    "optimizer": "sgd (with momentum) or adamw",
     "momentum": "SGD momentum",
     "nesterov": "Nesterov momentum",
     "weight_decay": "L2 weight decay (optax.add_decayed_weights)",
@@ -705,7 +748,8 @@ FLAG_HELP = {
     "distribution": "layer budgets: uniform, erk or er",
     "topology": "rigl, set or static",
     "skew": (
-        "skew correction: density (the paper), bn (BatchNorm variance) or none"
+        "skew correction: density (the paper), bn (BatchNorm variance),"
+        " layernorm (kernels a LayerNorm normalises) or none"
     ),
     "grow_with": "gradient RigL grows by: raw or corrected",
     "structure": (
@@ -749,7 +793,10 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
       )
     elif field.name == "skew":
       parser.add_argument(
-          flag, choices=["density", "bn", "none"], default=None, help=help_
+          flag,
+          choices=[*so.skew.SKEW_MODES, "none"],
+          default=None,
+          help=help_,
       )
     else:
       kind = field.type if isinstance(field.type, str) else field.type.__name__
