@@ -45,6 +45,7 @@ PRESET = {
 class Arm:
   name: str
   overrides: dict
+  pair: str | None = None  # a second arm its final accuracy is paired with
 
   @property
   def key(self) -> tuple:
@@ -52,7 +53,7 @@ class Arm:
     return (o.get("sparsity"), o.get("topology"))
 
 
-def default_arms(sparsities) -> list[Arm]:
+def default_arms(sparsities, ham_alphas=(200.0,)) -> list[Arm]:
   arms = [Arm("dense", {"dense": True})]
   for s in sparsities:
     for topo in ("rigl", "set"):
@@ -75,16 +76,19 @@ def default_arms(sparsities) -> list[Arm]:
           },
       )
   )
-  if 0.95 in sparsities:
-    # HAM (so.ham, --ham) alone and with the density correction: the pair of
-    # the paper's Table 3 (95% RigL).
-    for skew in (None, "density"):
-      arms.append(
-          Arm(
-              f"rigl95_{skew}_ham" if skew else "rigl95_ham",
-              {"sparsity": 0.95, "topology": "rigl", "skew": skew, "ham": True},
-          )
-      )
+  # HAM (so.ham, --ham) alone and with the density correction, paired with
+  # HAM alone: the paper's Table 3 (95% RigL). alpha 200 is the public code's.
+  for alpha in ham_alphas if 0.95 in sparsities else ():
+    tag = "" if alpha == 200.0 else f"_a{alpha:g}"
+    ham = dict(sparsity=0.95, topology="rigl", ham=True, ham_alpha=alpha)
+    arms.append(Arm(f"rigl95_ham{tag}", {**ham, "skew": None}))
+    arms.append(
+        Arm(
+            f"rigl95_density_ham{tag}",
+            {**ham, "skew": "density"},
+            pair=f"rigl95_ham{tag}",
+        )
+    )
   # Constant fan-in RigL (structure="fan_in"), uncorrected and corrected: removes
   # the per-neuron density skew by construction (the correction is the identity).
   for s in sparsities:
@@ -150,7 +154,7 @@ def jobs(args) -> list[tuple[Arm, int]]:
 
 
 def selected_arms(args) -> list[Arm]:
-  arms = default_arms(args.sparsities)
+  arms = default_arms(args.sparsities, args.ham_alphas)
   if args.arms:
     arms = [
         a
@@ -315,14 +319,13 @@ def summarize(args, runs) -> list[dict]:
           row[f"paired_delta_vs_{key}_std"] = (
               100 * float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
           )
-      # SparseOpt + HAM is also paired with HAM alone (the paper's Table 3).
-      ham = f"{base[: -len('_base')]}_ham"
-      if arm.overrides.get("ham") and name != ham and ham in runs:
-        diffs = final - curve(runs[ham])[1][:, -1]
-        row["delta_vs_ham"] = 100 * float(diffs.mean())
-        row["paired_delta_vs_ham_std"] = (
-            100 * float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
-        )
+    if arm.pair in runs:
+      diffs = final - curve(runs[arm.pair])[1][:, -1]
+      row["paired_with"] = arm.pair
+      row["delta_vs_pair"] = 100 * float(diffs.mean())
+      row["paired_delta_vs_pair_std"] = (
+          100 * float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
+      )
     # Undefined figures (no dense arm, never reached) are null in the JSON, not NaN.
     rows.append({
         k: None if isinstance(v, float) and np.isnan(v) else v
@@ -399,6 +402,13 @@ def parse(argv):
       "--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.97]
   )
   p.add_argument("--seeds", type=int, default=3)
+  p.add_argument(
+      "--ham-alphas",
+      type=float,
+      nargs="+",
+      default=[200.0],
+      help="alpha of the HAM arms (at 95%%; names get _a<alpha> unless 200)",
+  )
   p.add_argument(
       "--steps", type=int, default=300, help="the budget (default scale)"
   )
