@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import make_train_step
 
 import sparseopt_jax as so
 
@@ -209,11 +208,11 @@ def test_pruned_weights_stay_exactly_zero_in_a_sparseopt_chain_jitted(
     small_net,
 ):
   model, variables, batch = small_net
-  lr = optax.cosine_decay_schedule(0.05, 100)
+  lr = optax.cosine_decay_schedule(0.05, 80)
   inner = optax.chain(
       optax.add_decayed_weights(5e-4), optax.sgd(lr, momentum=0.9)
   )
-  sparse = so.sparseopt(0.9, update_every=10, end_step=80, seed=2)
+  sparse = so.sparseopt(0.9, update_every=10, end_step=60, seed=2)
   tx = optax.chain(sparse, so.ham(inner, lr))
   base = optax.chain(sparse, inner)
   traces = []
@@ -265,7 +264,7 @@ def test_pruned_weights_stay_exactly_zero_in_a_sparseopt_chain_jitted(
   params = so.apply_masks(params, state)
   counts0 = [int(m.sum()) for m in jax.tree.leaves(so.get_masks(state))]
   bad, masks0 = [], so.get_masks(state)
-  for _ in range(100):
+  for _ in range(80):
     params, stats, state, loss, nonzero = step(params, stats, state)
     bad.append(nonzero)
   assert int(jnp.sum(jnp.stack(bad))) == 0
@@ -278,7 +277,7 @@ def test_pruned_weights_stay_exactly_zero_in_a_sparseopt_chain_jitted(
       for a, b in zip(jax.tree.leaves(masks0), jax.tree.leaves(masks))
   )
   ham_state = state[1]
-  assert isinstance(ham_state, so.HamState) and int(ham_state.count) == 100
+  assert isinstance(ham_state, so.HamState) and int(ham_state.count) == 80
   # Momentum inside HAM's state is re-masked like any inner state.
   trace = ham_state.inner_state[1][0].trace
   for m, t in zip(
@@ -286,20 +285,13 @@ def test_pruned_weights_stay_exactly_zero_in_a_sparseopt_chain_jitted(
   ):
     if m is not None:
       assert not jnp.any((t != 0) & ~m)
-  # And HAM did something: the same chain without it ends elsewhere.
-  ends = []
-  for chain in (tx, base):
-    p, b, s = (
-        variables["params"],
-        variables["batch_stats"],
-        chain.init(variables["params"]),
-    )
-    p = so.apply_masks(p, s)
-    run = make_train_step(model, chain)
-    for _ in range(3):
-      p, b, s, _, _ = run(p, b, s, batch)
-    ends.append(p["Conv_0"]["kernel"])
-  assert not np.allclose(*ends)
+  # And HAM did something: the same chain without it gives another update.
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.01), params)
+  with_ham, _ = tx.update(grads, tx.init(params), params)  # step 0: lr > 0
+  without, _ = base.update(grads, base.init(params), params)
+  assert not np.allclose(
+      with_ham["Conv_0"]["kernel"], without["Conv_0"]["kernel"]
+  )
 
 
 def _cli_config(tmp_path):
