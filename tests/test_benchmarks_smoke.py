@@ -6,6 +6,8 @@ import math
 import os
 import sys
 
+import pytest
+
 BENCHMARKS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"
 )
@@ -226,3 +228,42 @@ def test_premise_smoke(tmp_path):
   assert bn[0.9]["ratio"] > bn[0.5]["ratio"] > 1.2
   assert abs(bn[0.9]["ratio_sqrt_d"] - 1) < 0.3
   assert set(results["bars"]) >= {"bn_within_15pct", "no_bn_within_0.9_1.15"}
+
+
+@pytest.mark.slow  # four ViT runs through the training program: about 80 s of CPU
+def test_vit_benchmark_smoke(tmp_path):
+  vit = _load_benchmark_script("vit")
+  result = vit.main(["--smoke", "--out", str(tmp_path)])
+  assert (tmp_path / "vit.png").stat().st_size > 0
+  saved = json.load(open(tmp_path / "vit.json"))
+  assert saved["rows"] == result["rows"] and saved["machine"]["backend"]
+  rows = {r["arm"]: r for r in result["rows"]}
+  assert set(rows) == {"none", "layernorm"}
+  for row in rows.values():
+    assert row["seeds"] == 2 and 0 <= row["acc_mean"] <= 100
+    assert _finite(row["transient_mean"]) and _finite(row["slope_head_raw"])
+  corrected = rows["layernorm"]
+  # Paired against the uncorrected arm (same seeds, data order, initial masks).
+  assert _finite(corrected["delta_acc_mean"]) and _finite(
+      corrected["delta_transient_mean"]
+  )
+  assert _finite(corrected["slope_head_corrected"])
+
+
+@pytest.mark.slow  # a ViT's gradients and a RigL run: about 25 s of CPU
+def test_layernorm_skew_benchmark_smoke(tmp_path):
+  results = _run_smoke("layernorm_skew", tmp_path)
+  r = results["variants"]["qknorm"]
+  assert set(r["ln_leaves"]) == {
+      f"block{i}/attn/{n}/kernel" for i in range(2) for n in ("query", "key")
+  }
+  assert r["corrections"] == ["none", "density", "layernorm"]
+  for mode in r["corrections"]:
+    assert _finite(r["layer_init"][mode]["slopes"]["pooled"]), mode
+  # One RigL run in the smoke: one density per kernel, no within-kernel slope.
+  assert r["layer_rigl"]["none"]["points"] and r["neuron_rigl"]["curves"]
+  for when in ("init", "rigl"):
+    assert _finite(r[f"neuron_{when}"]["slopes"]["pooled"]), when
+  assert _finite(r["uniform_sweep"]["slopes"]["fc1"])
+  assert _finite(r["head_init"]["layernorm"]["slope"])
+  assert "Per head" in results["table"]
