@@ -169,9 +169,15 @@ def leaf_skew_slope(
   n = jnp.sum(w)
   mx, my = jnp.sum(w * x) / n, jnp.sum(w * y) / n
   var = jnp.sum(w * (x - mx) ** 2)
+  # Equal densities (constant fan-in) leave var at rounding noise, not 0: test
+  # for two distinct densities directly.
+  distinct = jnp.max(jnp.where(ok, x, -jnp.inf)) > jnp.min(
+      jnp.where(ok, x, jnp.inf)
+  )
+  defined = distinct & (var > 1e-12)
   return jnp.where(
-      var > 1e-12,
-      jnp.sum(w * (x - mx) * (y - my)) / jnp.where(var > 1e-12, var, 1.0),
+      defined,
+      jnp.sum(w * (x - mx) * (y - my)) / jnp.where(defined, var, 1.0),
       jnp.nan,
   )
 

@@ -337,6 +337,18 @@ def test_corrected_and_uncorrected_runs_are_identical_under_structure(
   chex.assert_trees_all_equal(results[0], results[1])
 
 
+def test_skew_slope_is_undefined_under_constant_fan_in():
+  """Every neuron has the same density: the slope on log d_i is NaN, not a fit
+  to the rounding noise of the variance of equal values."""
+  grads = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 16, 32))
+  slope = jax.jit(so.leaf_skew_slope)
+  for seed in range(3):
+    masks = so.random_masks({"w": grads}, 0.9, structure="fan_in", seed=seed)
+    assert np.isnan(float(slope(grads, masks["w"])))
+  unstructured = so.random_masks({"w": grads}, 0.9)["w"]
+  assert np.isfinite(float(slope(grads, unstructured)))
+
+
 @pytest.mark.parametrize("structure", ["2:4", "1:4", "3:8"])
 def test_n_m_gives_every_neuron_density_n_over_m(structure):
   """Groups run along an input axis, inside one neuron's fan-in: every neuron,
