@@ -1,6 +1,6 @@
 """LayerNorm's gradient skew in a sparse ViT, per layer and per neuron, at init and after RigL.
 
-    python benchmarks/layernorm_skew.py                       # ~1 h on 2 shared cores (load 12)
+    python benchmarks/layernorm_skew.py                       # 10 min on 2 shared cores (load 4-8)
     python benchmarks/layernorm_skew.py --smoke --out /tmp/ln  # tiny: one variant, width 16
 
 The derivation is in docs/layernorm_skew.md. A LayerNorm divides all the
