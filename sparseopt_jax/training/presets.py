@@ -150,15 +150,16 @@ PRESETS: dict[str, TrainConfig] = {
         eval_every=5000,
         checkpoint_every=5000,
     ),
-    # A sparse ViT on Fashion-MNIST (about 10 minutes on 2 CPU cores): pre-LN
-    # blocks with QK-norm, width 128, 4 blocks, 7x7 patches; the attention and
-    # MLP kernels sparse, the embeddings and head dense; AdamW with warm-up and
-    # cosine decay; the LayerNorm correction (docs/layernorm_skew.md).
+    # A sparse ViT on Fashion-MNIST: pre-LN blocks with QK-norm, width 128, 4
+    # blocks, 7x7 patches; the attention and MLP kernels sparse, the embeddings
+    # and head dense; AdamW with warm-up and cosine decay; the LayerNorm
+    # correction (docs/layernorm_skew.md). 1200 steps (2.6 epochs): 78.7% test
+    # accuracy, 5.4 minutes of training on 2 shared CPU cores at load 5.
     "fashion_mnist_vit": TrainConfig(
         dataset="fashion_mnist",
         model="vit_qknorm",
         batch_size=128,
-        steps=600,
+        steps=1200,
         optimizer="adamw",
         learning_rate=1e-3,
         warmup_epochs=0.2,
@@ -170,15 +171,15 @@ PRESETS: dict[str, TrainConfig] = {
         update_every=50,
         drop_fraction=0.3,
         end_fraction=0.75,
-        eval_every=150,
-        checkpoint_every=300,
+        eval_every=300,
+        checkpoint_every=600,
     ),
     # The same ViT with SGD and momentum instead of AdamW, for comparison.
     "fashion_mnist_vit_sgd": TrainConfig(
         dataset="fashion_mnist",
         model="vit_qknorm",
         batch_size=128,
-        steps=600,
+        steps=1200,
         optimizer="sgd",
         learning_rate=0.05,
         momentum=0.9,
@@ -191,8 +192,8 @@ PRESETS: dict[str, TrainConfig] = {
         update_every=50,
         drop_fraction=0.3,
         end_fraction=0.75,
-        eval_every=150,
-        checkpoint_every=300,
+        eval_every=300,
+        checkpoint_every=600,
     ),
 }
 
