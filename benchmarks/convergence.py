@@ -33,7 +33,13 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import machine_info, save_figure  # noqa: E402  (benchmarks/ is not a package)
+# benchmarks/ is not a package: common.py is imported from this directory.
+from common import (  # noqa: E402
+    machine_info,
+    pyplot,
+    save_figure,
+    write_json,
+)
 
 PRESET = {
     "fashion_mnist": "fashion_mnist_resnet20",
@@ -359,11 +365,7 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(args, runs, path: str) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = pyplot()
   arms = {a.name: a for a in selected_arms(args)}
   panels = sorted({arms[n].key for n in runs if n != "dense"})
   cols = 2
@@ -480,8 +482,7 @@ def main(argv=None) -> dict:
   tag = args.name or (
       "convergence" if default else f"convergence_{budget_tag(args)}"
   )
-  with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  write_json(result, os.path.join(args.out, f"{tag}.json"), indent=2)
   plot(args, runs, os.path.join(args.out, f"{tag}.png"))
   print(table(rows))
   return result
