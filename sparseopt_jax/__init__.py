@@ -29,13 +29,14 @@ from sparseopt_jax.masking import (
     mask,
     random_masks,
 )
+from sparseopt_jax.schedule import (
+    MaskSchedule,
+    is_mask_update_step,
+    mask_update_schedule,
+)
 from sparseopt_jax.sharding import state_shardings
 from sparseopt_jax.skew import SkewState, skew_correct
-from sparseopt_jax.topology import (
-    TopologyState,
-    is_mask_update_step,
-    topology_update,
-)
+from sparseopt_jax.topology import TopologyState, topology_update
 
 __version__ = "0.1.0"
 
@@ -62,6 +63,7 @@ def __dir__():
 
 __all__ = [
     "HamState",
+    "MaskSchedule",
     "MaskState",
     "SkewState",
     "SparseOptState",
@@ -76,6 +78,7 @@ __all__ = [
     "layer_sparsities",
     "leaf_skew_slope",
     "mask",
+    "mask_update_schedule",
     "random_masks",
     "skew_correct",
     "skew_slope",

@@ -24,6 +24,7 @@ import jax
 import optax
 
 from sparseopt_jax import budgets
+from sparseopt_jax import schedule as schedule_lib
 from sparseopt_jax import skew as skew_lib
 from sparseopt_jax import topology as topology_lib
 from sparseopt_jax import tree as tree_lib
@@ -49,9 +50,10 @@ def sparseopt(
     *,
     distribution: budgets.Distribution | None = None,
     topology: str = "rigl",
-    update_every: int = 100,
-    drop_fraction: float = 0.3,
+    update_every: int | None = None,
+    drop_fraction: float | None = None,
     end_step: int | None = None,
+    schedule: schedule_lib.MaskSchedule | None = None,
     skew: str | None = "density",
     grow_with: str = "raw",
     sparse_filter: tree_lib.SparseFilter = None,
@@ -79,9 +81,14 @@ def sparseopt(
       from leaf-path regex to sparsity; None (default): ``"erk"``, or
       ``"uniform"`` under an N:M ``structure``.
     topology: ``"rigl"``, ``"set"`` or ``"static"``.
-    update_every: Delta-T, steps between mask updates.
-    drop_fraction: alpha, cosine-decayed to 0 at ``end_step``.
-    end_step: no mask update at or after this step; required unless static.
+    update_every: Delta-T, steps between mask updates (default 100).
+    drop_fraction: alpha, cosine-decayed to 0 at ``end_step`` (default 0.3).
+    end_step: no mask update at or after this step; required unless static
+      or ``schedule`` is given.
+    schedule: a :class:`~sparseopt_jax.schedule.MaskSchedule`
+      (:func:`~sparseopt_jax.mask_update_schedule`) instead of the three
+      arguments above; a host-scheduled loop asks the same object
+      (``schedule.is_due(step)``), so no number is written twice.
     skew: ``"density"`` (c_i = sqrt(d_i / d_avg), the paper), ``"bn"`` (from
       the BatchNorm running variance; ``update`` takes ``batch_stats=``),
       ``"layernorm"`` (c_g = sqrt(D_g / D) per LayerNorm group of the
@@ -122,6 +129,7 @@ def sparseopt(
       update_every=update_every,
       drop_fraction=drop_fraction,
       end_step=end_step,
+      schedule=schedule,
       seed=seed,
       neuron_axis=neuron_axis,
       structure=structure,

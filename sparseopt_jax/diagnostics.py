@@ -52,6 +52,14 @@ def sparsity_summary(
                          without ``params``; see :func:`check_sparsity`),
        "exploration": fraction of sparse weights ever active since init
                       (None without a topology stage),
+       "missed_mask_updates": due steps on which the masks were not updated
+                              (the ordinary variant ran on a due step: a host
+                              flag out of step with the schedule; None without
+                              a topology stage),
+       "unremasked_mask_updates": mask updates whose optimizer state was not
+                                  re-masked (``apply_updates(...,
+                                  mask_update=False)`` after a changing
+                                  update; None without a topology stage),
        "density_spread": mean over leaves of std(d_i) / mean(d_i),
        "leaves": {path: {"size", "active", "sparsity", "density_min",
                          "density_median", "density_max"[, "pruned_nonzero"]}}}``
@@ -89,10 +97,13 @@ def sparsity_summary(
       )
       if isinstance(s, topology_lib.TopologyState)
   ]
-  exploration = None
+  exploration = missed = unremasked = None
   if topo and topo[0].masks is not None:
     ever, n = topology_lib.exploration_counts(topo[0])
     exploration = ever / max(n, 1)
+  if topo:
+    missed = int(topo[0].missed_updates)
+    unremasked = int(topo[0].unremasked_updates)
   pruned_nonzero = None if drift is None else sum(v[0] for v in drift.values())
   params_sparsity = None
   if drift is not None:
@@ -107,6 +118,8 @@ def sparsity_summary(
       "params_sparsity": params_sparsity,
       "pruned_nonzero": pruned_nonzero,
       "exploration": exploration,
+      "missed_mask_updates": missed,
+      "unremasked_mask_updates": unremasked,
       "density_spread": float(np.mean(spreads)) if spreads else 0.0,
       "leaves": leaves,
   }

@@ -3,8 +3,10 @@
 A *mask* is a pytree shaped like the params: a boolean array at every sparse
 leaf (True = the weight is active) and ``None`` at every dense leaf. Exactly
 one state in an optimizer chain owns the masks (a :class:`MaskState` built with
-masks, or a :class:`~sparseopt_jax.topology.TopologyState`); :func:`get_masks`
-finds it and :func:`apply_updates` uses it to keep the invariant
+masks, or a :class:`~sparseopt_jax.topology.TopologyState`): a stage state
+says so through the small :class:`MaskOwner` protocol, which this module reads
+without knowing the stages. :func:`get_masks` finds the owner and
+:func:`apply_updates` uses it to keep the invariant
 
     every pruned weight, and every optimizer-state entry of a pruned weight, is 0.0
 
@@ -14,7 +16,7 @@ whatever inner optimizer the chain holds.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,30 @@ from sparseopt_jax import structure as structure_lib
 from sparseopt_jax import tree as tree_lib
 
 
+class MaskOwner(Protocol):
+  """What :func:`get_masks` and :func:`apply_updates` ask of a stage state.
+
+  A state whose class has these methods takes part; it owns the chain's masks
+  when ``owns_masks()`` is true, and exactly one state of a chain may.
+  """
+
+  masks: Any
+
+  def owns_masks(self) -> bool:
+    """Whether ``masks`` are the chain's masks."""
+
+  def masks_changed(self) -> Any:
+    """Whether the last update changed the masks: a bool array, or False."""
+
+  def note_unremasked(self) -> Any:
+    """This state after an ``apply_updates`` that skipped re-masking the state."""
+
+
+def is_stage_state(x: Any) -> bool:
+  """Whether ``x`` follows the :class:`MaskOwner` protocol."""
+  return callable(getattr(type(x), "owns_masks", None))
+
+
 class MaskState(NamedTuple):
   """State of :func:`mask`.
 
@@ -35,6 +61,15 @@ class MaskState(NamedTuple):
   """
 
   masks: Any
+
+  def owns_masks(self) -> bool:
+    return self.masks is not None
+
+  def masks_changed(self) -> bool:
+    return False  # fixed masks
+
+  def note_unremasked(self) -> MaskState:
+    return self
 
 
 def as_bool_masks(masks: Any) -> Any:
@@ -188,29 +223,10 @@ def random_masks(
   )
 
 
-def _stage_state_types() -> tuple[type, type]:
-  from sparseopt_jax import topology  # the topology stage imports this module
-
-  return MaskState, topology.TopologyState
-
-
 def _owners(state: Any) -> list[Any]:
-  """The states in ``state`` that own the chain's masks.
-
-  The rule: a :class:`~sparseopt_jax.topology.TopologyState` always owns them
-  (its masks are None when every leaf is dense, e.g. params that are one
-  vector); a :class:`MaskState` owns them when it was built with masks.
-  """
-  mask_state, topology_state = _stage_state_types()
-  found = jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, (mask_state, topology_state))
-  )
-  return [
-      s
-      for s in found
-      if isinstance(s, topology_state)
-      or (isinstance(s, mask_state) and s.masks is not None)
-  ]
+  """The stage states in ``state`` that own the chain's masks (:class:`MaskOwner`)."""
+  found = jax.tree.leaves(state, is_leaf=is_stage_state)
+  return [s for s in found if is_stage_state(s) and s.owns_masks()]
 
 
 def _owner_masks(state: Any) -> list[Any]:
@@ -266,7 +282,6 @@ def _mask_like_params(state: Any, params: Any, masks: Any) -> Any:
           masks, is_leaf=tree_lib.is_none
       )
   }
-  stage_states = _stage_state_types()
 
   def like_params(node):
     if type(node) is not type(params):
@@ -282,7 +297,7 @@ def _mask_like_params(state: Any, params: Any, masks: Any) -> Any:
     return x if tree_lib.is_none(m) else jnp.where(m, x, jnp.zeros((), x.dtype))
 
   def visit(node):
-    if isinstance(node, stage_states) or node is None:
+    if is_stage_state(node) or node is None:
       return node
     if like_params(node):
       return jax.tree_util.tree_map_with_path(remask, node)
@@ -299,7 +314,16 @@ def _mask_like_params(state: Any, params: Any, masks: Any) -> Any:
 def _needs_state_remask(state: Any) -> Any:
   """Whether the masks changed in the last update (bool array), or False if they never do."""
   found = _owners(state)
-  return getattr(found[0], "changed", False) if len(found) == 1 else True
+  return found[0].masks_changed() if len(found) == 1 else True
+
+
+def _note_unremasked(state: Any) -> Any:
+  """``state`` with its owner's record of a mask change left unremasked."""
+  return jax.tree.map(
+      lambda x: x.note_unremasked() if is_stage_state(x) else x,
+      state,
+      is_leaf=is_stage_state,
+  )
 
 
 def apply_updates(
@@ -340,9 +364,13 @@ def remask_state(
   ``lax.cond``), a Python bool decides at trace time.
   """
   remask = lambda s: _mask_like_params(s, params, masks)
+  if mask_update is False:
+    # Counted, not silent: a flag here out of step with tx.update's leaves
+    # the dropped weights' moments behind (sparsity_summary reports it).
+    return _note_unremasked(state)
   if mask_update is None:
     changed = _needs_state_remask(state)
     if isinstance(changed, bool):
       return remask(state) if changed else state
     return jax.lax.cond(changed, remask, lambda s: s, state)
-  return remask(state) if mask_update else state
+  return remask(state)

@@ -101,6 +101,8 @@ def state_shardings(
         step=default,
         key=default,
         changed=default,
+        missed_updates=default,
+        unremasked_updates=default,
         masks=like_params(shape.masks),
         ever_active=jax.tree.map(lambda _: default, shape.ever_active),
         density_factors=factors,

@@ -159,6 +159,13 @@ class RowLayout(NamedTuple):
   row_len: int
 
 
+def flat_layout(shape: tuple[int, ...]) -> RowLayout:
+  """The one-row view of an unstructured leaf: ``x.reshape(1, size)``."""
+  shape = tuple(int(s) for s in shape)
+  size = math.prod(shape)
+  return RowLayout(shape, shape, tuple(range(len(shape))), 1, size)
+
+
 def layout(
     path: str, shape: tuple[int, ...], spec: Structure, neuron_axis: int | None
 ) -> RowLayout:

@@ -38,7 +38,7 @@ code at all, and the update variant runs without a conditional.
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -46,11 +46,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparseopt_jax import budgets, masking
+from sparseopt_jax import budgets, masking, rules, selection
+from sparseopt_jax import schedule as schedule_lib
 from sparseopt_jax import skew as skew_lib
 from sparseopt_jax import structure as structure_lib
 from sparseopt_jax import tree as tree_lib
 from sparseopt_jax.checks import check_choice, check_fraction, check_int
+from sparseopt_jax.schedule import is_mask_update_step  # noqa: F401  (re-exported)
 
 TOPOLOGIES = ("rigl", "set", "static")
 
@@ -60,18 +62,23 @@ class TopologyState(NamedTuple):
 
   Attributes:
     step: number of updates this stage has seen (int32); the update that sees
-      step t changes the masks iff :func:`is_mask_update_step` (t) holds.
+      step t changes the masks iff the schedule's ``is_due(t)`` holds.
     key: PRNG key of the tie-breaking keys and of SET's random growth.
     masks: bool array per sparse leaf (True = active), None at dense leaves.
     ever_active: per sparse leaf, a packed bit per weight (``jnp.packbits``,
-      1/8 byte per weight) marking weights active at any step since init; the
-      exploration (ITOP) rate is its mean.
+      1/8 byte per weight) marking weights active under any applied mask since
+      init; the exploration (ITOP) rate is its mean.
     density_factors: per sparse leaf, the float32 vector c_i = sqrt(d_i / mean_j
-      d_j) of the current masks (``skew.mask_density_factors``), recomputed only when
-      the masks change, so that an ordinary step never reduces over the masks.
-    changed: whether the last update changed the masks (bool scalar); it tells
-      :func:`~sparseopt_jax.apply_updates` when the optimizer state needs
-      re-masking.
+      d_j) of the current masks (``skew.mask_density_factors``), recomputed only
+      when the masks change, so that an ordinary step never reduces over them.
+    changed: whether the last update was due to change the masks (bool
+      scalar); it tells :func:`~sparseopt_jax.apply_updates` when the optimizer
+      state needs re-masking.
+    missed_updates: due steps on which the masks were not updated (int32): the
+      ordinary variant (``mask_update=False``) ran on a due step.
+    unremasked_updates: mask updates after which the optimizer state was not
+      re-masked (int32): ``apply_updates(..., mask_update=False)`` after an
+      update that changed the masks.
   """
 
   step: jax.Array
@@ -80,84 +87,22 @@ class TopologyState(NamedTuple):
   ever_active: Any
   density_factors: Any
   changed: jax.Array
+  missed_updates: jax.Array
+  unremasked_updates: jax.Array
 
+  def owns_masks(self) -> bool:
+    """The topology stage always owns the chain's masks (None when all dense)."""
+    return True
 
-def is_mask_update_step(step, *, update_every: int, end_step: int):
-  """Whether the update that sees ``step`` (0-based) changes the masks.
+  def masks_changed(self) -> jax.Array:
+    return self.changed
 
-  ``step > 0 and step % update_every == 0 and step < end_step``. Works on Python
-  ints (returns a bool: for choosing a compiled step variant on the host) and
-  on traced integers (returns a bool array: the in-graph schedule).
-  """
-  due = (step > 0) & (step % update_every == 0) & (step < end_step)
-  return bool(due) if isinstance(step, (int, np.integer)) else due
-
-
-_MIX = (np.uint32(0x7FEB352D), np.uint32(0x846CA68B))
-
-
-def _mix32(x: jax.Array) -> jax.Array:
-  """A bijection of uint32 that scatters neighbours (Wellons' ``lowbias32``)."""
-  x = x ^ (x >> 16)
-  x = x * _MIX[0]
-  x = x ^ (x >> 15)
-  x = x * _MIX[1]
-  return x ^ (x >> 16)
-
-
-def _random_keys(n: int, seed: jax.Array) -> jax.Array:
-  """n distinct pseudo-random uint32 keys, one per position, from a uint32 seed.
-
-  A counter-based hash rather than ``jax.random``: a few integer ops per weight
-  instead of Threefry's unrolled rounds (which made the mask-update branch ten
-  times larger to compile), and distinct by construction, since ``_mix32`` is a
-  bijection.
-  """
-  return _mix32(jnp.arange(n, dtype=jnp.uint32) + seed)
-
-
-def _as_int_key(keys: jax.Array) -> jax.Array:
-  """uint32 -> int32 preserving order (``lax.top_k`` ranks signed values)."""
-  return jax.lax.bitcast_convert_type(keys ^ np.uint32(0x80000000), jnp.int32)
-
-
-def _kth_largest(x: jax.Array, k: jax.Array, kmax: int) -> jax.Array:
-  values, _ = jax.lax.top_k(x, kmax)
-  return values[jnp.maximum(k, 1) - 1]
-
-
-def _select(
-    score: jax.Array,
-    candidates: jax.Array,
-    k: jax.Array,
-    kmax: int,
-    tie_keys: jax.Array,
-) -> jax.Array:
-  """Bool vector marking the ``k`` candidates first in (score, tie key) order.
-
-  ``k <= kmax`` (static) and ``k`` <= the number of candidates. Every candidate
-  above the k-th score is taken; the ``r`` still needed come from those equal to
-  it, by largest tie key. Tie keys are distinct, so exactly ``k`` are taken.
-  """
-  low = (
-      -jnp.inf
-      if jnp.issubdtype(score.dtype, jnp.floating)
-      else jnp.iinfo(score.dtype).min
-  )
-  s = jnp.where(candidates, score, low)
-  threshold = _kth_largest(s, k, kmax)
-  above = s > threshold
-  tied = candidates & (s == threshold)
-  r = k - jnp.sum(above, dtype=jnp.int32)
-
-  def break_ties():
-    ties = jnp.where(tied, _as_int_key(tie_keys), jnp.iinfo(jnp.int32).min)
-    return tied & (ties >= _kth_largest(ties, r, kmax)) & (r > 0)
-
-  # Continuous scores rarely tie at the threshold: rank the ties only when some must lose.
-  return above | jax.lax.cond(
-      jnp.sum(tied, dtype=jnp.int32) > r, break_ties, lambda: tied
-  )
+  def note_unremasked(self) -> TopologyState:
+    """This state after an ``apply_updates`` that skipped the state re-mask."""
+    return self._replace(
+        unremasked_updates=self.unremasked_updates
+        + self.changed.astype(jnp.int32)
+    )
 
 
 def _explicit_spec(x: jax.Array) -> Any:
@@ -166,117 +111,66 @@ def _explicit_spec(x: jax.Array) -> Any:
   return spec if spec is not None and any(s is not None for s in spec) else None
 
 
-def _flat(x: jax.Array) -> jax.Array:
-  """``x.reshape(-1)``; explicitly sharded leaves are gathered first (top-k needs the whole leaf)."""
-  if _explicit_spec(x) is not None:
-    x = jax.sharding.reshard(x, jax.sharding.PartitionSpec())
-  return x.reshape(-1)
+def _gathered(x: jax.Array) -> jax.Array:
+  """``x``, gathered first if explicitly sharded (a row's selection needs the whole row)."""
+  if _explicit_spec(x) is None:
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
 
 
-def _new_leaf_mask(mask, weight, grad, seeds, finite, *, k, kmax, grow_random):
-  """The leaf's mask after dropping and growing ``k`` weights (same shape, same count)."""
-  flat_mask = _flat(mask)
-  w = _flat(weight).astype(jnp.float32)
-  g = _flat(grad).astype(jnp.float32)
-  n = flat_mask.shape[0]
-  dropped = _select(-jnp.abs(w), flat_mask, k, kmax, _random_keys(n, seeds[0]))
-  kept = flat_mask & ~dropped
+class _LeafPlan(NamedTuple):
+  """What a mask update needs to know of one sparse leaf; static."""
+
+  lay: structure_lib.RowLayout
+  n_active: int
+  kmax: int
+
+
+def _leaf_next_mask(mask, weight, grad, seeds, k, plan, grow_random):
+  """The leaf's mask after dropping and growing ``k`` weights, row by row."""
+  lay = plan.lay
+  rows = lambda x: structure_lib.to_rows(_gathered(x), lay)
+  keys = lambda seed: rows(
+      selection.hash_keys(mask.size, seed).reshape(mask.shape)
+  )
   if grow_random:
-    grow_score = _as_int_key(_random_keys(n, seeds[2]))
-  else:
-    grow_score = jnp.abs(g)
-  grown = _select(grow_score, ~kept, k, kmax, _random_keys(n, seeds[1]))
-  out = jnp.where(finite, kept | grown, flat_mask).reshape(mask.shape)
-  spec = _explicit_spec(mask)
-  return out if spec is None else jax.sharding.reshard(out, spec)
-
-
-def _row_pick(values: jax.Array, k: jax.Array, kmax: int) -> jax.Array:
-  """Per row of ``values`` [rows, n], its k-th largest (``k`` [rows], 1 <= k <= kmax)."""
-  top, _ = jax.lax.top_k(values, kmax)
-  return jnp.take_along_axis(top, jnp.clip(k - 1, 0, kmax - 1)[:, None], axis=1)
-
-
-def _select_rows(
-    score: jax.Array,
-    candidates: jax.Array,
-    k: jax.Array,
-    kmax: int,
-    tie_keys: jax.Array,
-) -> jax.Array:
-  """:func:`_select` in every row of a [rows, n] view: row i takes its ``k[i]`` first.
-
-  ``k[i] <= kmax`` (static) and ``k[i] <=`` the candidates of row i; the same
-  (score, tie key) order as the unstructured path, so exactly ``k[i]`` per row.
-  """
-  floating = jnp.issubdtype(score.dtype, jnp.floating)
-  low = -jnp.inf if floating else jnp.iinfo(score.dtype).min
-  high = jnp.inf if floating else jnp.iinfo(score.dtype).max
-  s = jnp.where(candidates, score, low)
-  # A row that takes nothing has no ties to break.
-  threshold = jnp.where(k[:, None] > 0, _row_pick(s, k, kmax), high)
-  above = s > threshold
-  tied = candidates & (s == threshold)
-  r = k - jnp.sum(above, axis=1, dtype=jnp.int32)
-
-  def break_ties():
-    ties = jnp.where(tied, _as_int_key(tie_keys), jnp.iinfo(jnp.int32).min)
-    return tied & (ties >= _row_pick(ties, r, kmax)) & (r > 0)[:, None]
-
-  # As in _select: rank the ties only when, in some row, some must lose.
-  chosen = above | jax.lax.cond(
-      jnp.any(jnp.sum(tied, axis=1, dtype=jnp.int32) > r),
-      break_ties,
-      lambda: tied,
-  )
-  return chosen & (k > 0)[:, None]
-
-
-def _new_structured_leaf_mask(
-    mask, weight, grad, seeds, finite, *, k, kmax, lay, grow_random
-):
-  """The leaf's mask after dropping and growing ``k`` weights inside its rows.
-
-  Row i (a neuron for fan_in, a group for N:M) drops ``k // rows`` weights, one
-  more for ``k % rows`` rows picked by a seeded permutation (at most ``kmax``),
-  and grows as many as it dropped: every row keeps its count.
-  """
-  spec = _explicit_spec(mask)
-  gather = lambda x: (
-      x
-      if _explicit_spec(x) is None
-      else jax.sharding.reshard(x, jax.sharding.PartitionSpec())
-  )
-  rows = lambda x: structure_lib.to_rows(gather(x), lay)
-  keys = lambda seed: structure_lib.to_rows(
-      _random_keys(mask.size, seed).reshape(mask.shape), lay
-  )
-  m = rows(mask)
-  w = rows(weight).astype(jnp.float32)
-  order = (
-      jnp.arange(lay.rows, dtype=jnp.uint32)
-      * np.uint32(structure_lib.row_multiplier(lay.rows))
-      + _mix32(seeds[0] ^ np.uint32(0x5EED)) % np.uint32(lay.rows)
-  ) % np.uint32(lay.rows)
-  extra = (order < (k % lay.rows).astype(jnp.uint32)).astype(jnp.int32)
-  k_rows = jnp.minimum(k // lay.rows + extra, kmax)
-  dropped = _select_rows(-jnp.abs(w), m, k_rows, kmax, keys(seeds[0]))
-  kept = m & ~dropped
-  if grow_random:
-    grow_score = _as_int_key(keys(seeds[2]))
+    grow_score = selection.as_int_key(keys(seeds[2]))
   else:
     grow_score = jnp.abs(rows(grad).astype(jnp.float32))
-  grown = _select_rows(grow_score, ~kept, k_rows, kmax, keys(seeds[1]))
-  out = structure_lib.from_rows(jnp.where(finite, kept | grown, m), lay)
+  new = rules.drop_and_grow(
+      rows(mask),
+      rows(weight).astype(jnp.float32),
+      grow_score,
+      rules.row_counts(k, lay.rows, seeds[0]),
+      plan.kmax,
+      keys(seeds[0]),
+      keys(seeds[1]),
+  )
+  out = structure_lib.from_rows(new, lay)
+  spec = _explicit_spec(mask)
   return out if spec is None else jax.sharding.reshard(out, spec)
 
 
 def _pack(mask: Any, xp: Any = jnp) -> Any:
-  return xp.packbits(mask.reshape(-1) if xp is np else _flat(mask))
+  if xp is np:
+    return np.packbits(mask.reshape(-1))
+  return jnp.packbits(_gathered(mask).reshape(-1))
 
 
 def _unpack(bits: jax.Array, n: int) -> jax.Array:
   return jnp.unpackbits(bits, count=n).astype(bool)
+
+
+def _all_finite(*trees: Any) -> jax.Array:
+  return jnp.all(
+      jnp.stack(
+          [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
+      )
+  )
+
+
+def _where(pred: jax.Array, new: Any, old: Any) -> Any:
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
 def exploration_counts(state: TopologyState) -> tuple[int, int]:
@@ -290,6 +184,51 @@ def exploration_counts(state: TopologyState) -> tuple[int, int]:
   return ever, total
 
 
+def _resolve_schedule(
+    topology, schedule, update_every, end_step, drop_fraction
+):
+  """The stage's :class:`~sparseopt_jax.schedule.MaskSchedule` (None if static)."""
+  if schedule is not None:
+    if not isinstance(schedule, schedule_lib.MaskSchedule):
+      raise ValueError(
+          "schedule must be a MaskSchedule from so.mask_update_schedule(...),"
+          f" got {schedule!r}"
+      )
+    given = [
+        name
+        for name, value in (
+            ("update_every", update_every),
+            ("end_step", end_step),
+            ("drop_fraction", drop_fraction),
+        )
+        if value is not None
+    ]
+    if given:
+      raise ValueError(
+          f"pass either schedule= or {', '.join(given)}, not both: the"
+          f" schedule already holds them ({schedule})"
+      )
+    return schedule
+  update_every = check_int(
+      "update_every", 100 if update_every is None else update_every, 1
+  )
+  drop_fraction = check_fraction(
+      "drop_fraction",
+      0.3 if drop_fraction is None else drop_fraction,
+      closed=True,
+  )
+  if topology == "static":
+    return None
+  if end_step is None:
+    raise ValueError(
+        f"topology={topology!r} needs end_step (the step after which masks "
+        "stay fixed, typically 0.75 of training) or schedule="
+    )
+  return schedule_lib.mask_update_schedule(
+      update_every=update_every, end_step=end_step, drop_fraction=drop_fraction
+  )
+
+
 def topology_update(
     topology: str = "rigl",
     *,
@@ -297,9 +236,10 @@ def topology_update(
     distribution: budgets.Distribution = "uniform",
     masks: Any = None,
     sparse_filter: tree_lib.SparseFilter = None,
-    update_every: int = 100,
-    drop_fraction: float = 0.3,
+    update_every: int | None = None,
+    drop_fraction: float | None = None,
     end_step: int | None = None,
+    schedule: schedule_lib.MaskSchedule | None = None,
     seed: int = 0,
     neuron_axis: int | None = None,
     structure: str | None = None,
@@ -320,13 +260,16 @@ def topology_update(
       they override ``sparsity``, ``distribution`` and ``sparse_filter``.
     sparse_filter: which leaves are sparse: None (every leaf with ndim >= 2), a
       regex searched in the leaf path, or a callable ``(path, leaf) -> bool``.
-    update_every: Delta-T, steps between mask updates. It counts this stage's
-      updates: under ``optax.MultiSteps(k)`` one per k micro-steps, so divide
-      ``update_every`` and ``end_step`` by k.
+    update_every: Delta-T, steps between mask updates (default 100). It
+      counts this stage's updates: under ``optax.MultiSteps(k)`` one per k
+      micro-steps, so divide ``update_every`` and ``end_step`` by k.
     drop_fraction: alpha, the fraction of active weights replaced at step 0,
-      cosine-decayed to 0 at ``end_step``.
+      cosine-decayed to 0 at ``end_step`` (default 0.3).
     end_step: no mask update at or after this step (about 0.75 of training);
-      required unless ``topology="static"``.
+      required unless ``topology="static"`` or ``schedule`` is given.
+    schedule: a :class:`~sparseopt_jax.schedule.MaskSchedule` from
+      :func:`~sparseopt_jax.mask_update_schedule`, instead of the three
+      arguments above; hand the same object to a host-scheduled loop.
     seed: seed of the initial masks and of the update's random keys.
     neuron_axis: the neuron axis of every sparse leaf, for the cached
       per-neuron density factors and the structure; None (default) by role
@@ -336,41 +279,35 @@ def topology_update(
       active in every group of M consecutive weights along the input axis;
       then ``sparsity`` must be 1 - N/M and ``distribution`` uniform). The
       initial masks and every update keep it exactly: drop and grow happen
-      inside each neuron or group (see :mod:`sparseopt_jax.structure`). The
-      leaf's drop count ``floor(f_t * n)`` is split over its rows (neurons or
-      groups): ``floor(k / rows)`` each, one more in ``k mod rows`` rows picked
-      by a seeded permutation, never more than the row's inactive weights;
-      each row regrows what it dropped.
+      inside each neuron or group (see :mod:`sparseopt_jax.structure`).
+
+  The drop count: a leaf with ``n`` active weights is viewed as rows (one row
+  when unstructured; a neuron or a group when structured) holding ``n_r``
+  each. At a due step t its count ``k = floor(f_t * n)`` is split over the
+  rows, ``floor(k / rows)`` each and one more in ``k mod rows`` rows picked by
+  a seeded permutation; each row drops and regrows ``min(k_r, kmax_r)``, with
+  ``kmax_r = min(row_len - n_r, n_r, floor(alpha n_r) + 1, floor(alpha n))``
+  (:func:`~sparseopt_jax.rules.row_kmax`): unstructured, ``min(floor(f_t n),
+  inactive weights, floor(alpha n))``. Every row keeps its count exactly.
 
   ``update(updates, state, params, *, grow_grads=None, mask_update=None,
   **extra)``: ``params`` is required (drop ranks |w|); RigL ranks
   ``grow_grads`` if given, else the updates it receives. Both must be dense,
   which they are when pruned weights are stored as exact zeros.
-  ``mask_update``: None decides in the graph; a Python bool (from
-  :func:`is_mask_update_step`) fixes the variant at trace time. With True the
-  masks still change only if the schedule says so.
+  ``mask_update``: None decides in the graph; a Python bool (from the
+  schedule's ``is_due``) fixes the variant at trace time. With True the masks
+  still change only if the schedule says so; with False on a due step they do
+  not change and ``state.missed_updates`` counts the step
+  (``so.sparsity_summary(state)["missed_mask_updates"]``).
   """
   check_choice("topology", topology, TOPOLOGIES)
   sparsity = budgets.check_sparsity(sparsity)
   distribution = budgets.check_distribution(distribution)
   keep = tree_lib.make_sparse_filter(sparse_filter)
-  update_every = check_int("update_every", update_every, 1)
-  drop_fraction = check_fraction("drop_fraction", drop_fraction, closed=True)
   tree_lib.check_neuron_axis(neuron_axis)
-  if topology != "static":
-    if end_step is None:
-      raise ValueError(
-          f"topology={topology!r} needs end_step (the step after which masks "
-          "stay fixed, typically 0.75 of training)"
-      )
-    end_step = check_int("end_step", end_step, 0)
-    if end_step <= update_every:
-      raise ValueError(
-          f"end_step {end_step} <= update_every {update_every}:"
-          f" topology={topology!r} would never update the masks (the first"
-          " update is at step update_every, the last before end_step); lower"
-          " update_every, raise end_step, or use topology='static'"
-      )
+  sched = _resolve_schedule(
+      topology, schedule, update_every, end_step, drop_fraction
+  )
   seed = check_int("seed", seed, 0)
   spec = structure_lib.parse(structure)
   given = None if masks is None else masking.as_bool_masks(masks)
@@ -385,28 +322,47 @@ def topology_update(
   given_counts = None
   if given is not None:
     given_counts = {
-        path: int(np.sum(np.asarray(m)))
-        for path, m in zip(
-            tree_lib.leaf_paths(
-                jax.tree.map(lambda m: 0, given, is_leaf=tree_lib.is_none)
-            ),
-            jax.tree.leaves(given, is_leaf=tree_lib.is_none),
+        tree_lib.path_str(p): int(np.sum(np.asarray(m)))
+        for p, m in jax.tree_util.tree_leaves_with_path(
+            given, is_leaf=tree_lib.is_none
         )
         if not tree_lib.is_none(m)
     }
-  dynamic = topology != "static"
-  schedule = optax.cosine_decay_schedule(drop_fraction, max(end_step or 1, 1))
 
   def init_fn(params):
+    zero = jnp.zeros([], jnp.int32)
     if tree_lib.is_params_placeholder(params):
       return TopologyState(
-          step=jnp.zeros([], jnp.int32),
+          step=zero,
           key=jax.random.PRNGKey(0),
           masks=tree_lib.NOT_PARAMS,
           ever_active=tree_lib.NOT_PARAMS,
           density_factors=tree_lib.NOT_PARAMS,
           changed=jnp.zeros([], bool),
+          missed_updates=zero,
+          unremasked_updates=zero,
       )
+    host_masks = initial_masks(params)
+    to_device = lambda tree: jax.tree.map(
+        lambda x: x if tree_lib.is_none(x) else jnp.asarray(x),
+        tree,
+        is_leaf=tree_lib.is_none,
+    )
+    return TopologyState(
+        step=zero,
+        key=jax.random.fold_in(jax.random.PRNGKey(seed), 0x70B0),
+        masks=to_device(host_masks),
+        ever_active=to_device(jax.tree.map(lambda m: _pack(m, np), host_masks)),
+        density_factors=to_device(
+            skew_lib.mask_density_factors(host_masks, neuron_axis, np)
+        ),
+        changed=jnp.zeros([], bool),
+        missed_updates=zero,
+        unremasked_updates=zero,
+    )
+
+  def initial_masks(params):
+    """The initial masks as numpy arrays: the given ones (checked) or random ones."""
     if (
         isinstance(sparse_filter, str)
         and given is None
@@ -443,131 +399,88 @@ def topology_update(
         },
         neuron_axis,
     )
-    to_device = lambda tree: jax.tree.map(
-        lambda x: x if tree_lib.is_none(x) else jnp.asarray(x),
-        tree,
-        is_leaf=tree_lib.is_none,
-    )
-    return TopologyState(
-        step=jnp.zeros([], jnp.int32),
-        key=jax.random.fold_in(jax.random.PRNGKey(seed), 0x70B0),
-        masks=to_device(host_masks),
-        ever_active=to_device(jax.tree.map(lambda m: _pack(m, np), host_masks)),
-        density_factors=to_device(
-            skew_lib.mask_density_factors(host_masks, neuron_axis, np)
-        ),
-        changed=jnp.zeros([], bool),
-    )
+    return host_masks
 
-  def active_counts(params) -> dict[str, int]:
-    """Per sparse leaf, its (constant) number of active weights; static."""
+  def leaf_plans(masks) -> dict[str, _LeafPlan]:
+    """Per sparse leaf: its row view, active count and row kmax; static."""
+    shapes = {
+        tree_lib.path_str(p): tuple(m.shape)
+        for p, m in jax.tree_util.tree_leaves_with_path(
+            masks, is_leaf=tree_lib.is_none
+        )
+        if not tree_lib.is_none(m)
+    }
     if given_counts is not None:
-      return given_counts
-    shapes = tree_lib.sparse_shapes(params, keep)
-    return budgets.active_counts(
-        shapes,
-        budgets.layer_sparsities(shapes, sparsity, distribution),
-        structure=spec,
-        neuron_axis=neuron_axis,
-    )
+      counts, per_row = given_counts, given_per_row
+    else:
+      sparsities = budgets.layer_sparsities(shapes, sparsity, distribution)
+      counts = budgets.active_counts(
+          shapes, sparsities, structure=spec, neuron_axis=neuron_axis
+      )
+      per_row = (
+          None
+          if spec is None
+          else structure_lib.per_row_counts(
+              shapes, sparsities, spec, neuron_axis
+          )
+      )
+    plans = {}
+    for path, shape in shapes.items():
+      lay = (
+          structure_lib.flat_layout(shape)
+          if spec is None
+          else structure_lib.layout(path, shape, spec, neuron_axis)
+      )
+      n = counts[path]
+      in_row = n if spec is None else per_row[path]
+      kmax = rules.row_kmax(lay.row_len, in_row, n, sched.drop_fraction)
+      plans[path] = _LeafPlan(lay, n, kmax)
+    return plans
 
-  def per_row_counts(params) -> dict[str, int]:
-    """Per structured leaf, the active weights of each of its rows; static."""
-    if given_per_row is not None:
-      return given_per_row
-    shapes = tree_lib.sparse_shapes(params, keep)
-    return structure_lib.per_row_counts(
-        shapes,
-        budgets.layer_sparsities(shapes, sparsity, distribution),
-        spec,
-        neuron_axis,
-    )
+  def next_masks(state, params, grads, apply):
+    """(masks, ever_active, density_factors) after the update at ``state.step``.
 
-  def next_masks(state, params, grads):
-    """(masks, ever_active, density_factors) after a mask update at ``state.step``."""
-    counts = active_counts(params)
-    per_row = {} if spec is None else per_row_counts(params)
-    f_t = schedule(state.step)
-    masks_flat, treedef = jax.tree.flatten(
+    The masks change only where ``apply`` (a due step) holds and every weight
+    and gradient is finite; the exploration record takes only applied masks.
+    """
+    plans = leaf_plans(state.masks)
+    k_t = sched.fraction(state.step)
+    paths_masks = jax.tree_util.tree_leaves_with_path(
         state.masks, is_leaf=tree_lib.is_none
     )
     seeds = jax.random.bits(
         jax.random.fold_in(state.key, state.step),
-        (len(masks_flat), 3),
+        (len(paths_masks), 3),
         jnp.uint32,
     )
-    finite = jnp.all(
-        jnp.stack([
-            jnp.all(jnp.isfinite(x))
-            for x in jax.tree.leaves(params) + jax.tree.leaves(grads)
-        ])
-    )
-    new = []
     # Flattened like the masks: a MaskedNode (another multi_transform branch's leaf) counts.
     flat = lambda tree: jax.tree.leaves(tree, is_leaf=tree_lib.is_none)
-    paths = [
-        tree_lib.path_str(p)
-        for p, _ in jax.tree_util.tree_leaves_with_path(
-            state.masks, is_leaf=tree_lib.is_none
-        )
-    ]
-    for i, (path, m, w, g) in enumerate(
-        zip(paths, masks_flat, flat(params), flat(grads), strict=True)
+    new = []
+    for i, ((p, m), w, g) in enumerate(
+        zip(paths_masks, flat(params), flat(grads), strict=True)
     ):
-      if tree_lib.is_none(m):
+      plan = None if tree_lib.is_none(m) else plans.get(tree_lib.path_str(p))
+      if plan is None or plan.kmax <= 0:  # dense, or nothing can move
         new.append(m)
         continue
-      n_active = counts.get(path, m.size)
-      if spec is not None:
-        lay = structure_lib.layout(path, m.shape, spec, neuron_axis)
-        in_row = per_row[path]
-        # A row drops at most floor(alpha * in_row) + 1 (its share of the leaf's k).
-        kmax = min(
-            lay.row_len - in_row,
-            in_row,
-            math.floor(drop_fraction * in_row) + 1,
-            math.floor(drop_fraction * n_active),
-        )
-        if kmax <= 0:
-          new.append(m)
-          continue
-        new.append(
-            _new_structured_leaf_mask(
-                m,
-                w,
-                g,
-                seeds[i],
-                finite,
-                k=jnp.floor(f_t * n_active).astype(jnp.int32),
-                kmax=kmax,
-                lay=lay,
-                grow_random=topology == "set",
-            )
-        )
-        continue
-      kmax = min(m.size - n_active, math.floor(drop_fraction * n_active))
-      if kmax <= 0:  # dense, or nothing to move: the leaf keeps its mask
-        new.append(m)
-        continue
-      k = jnp.floor(f_t * n_active).astype(jnp.int32)
+      k = jnp.floor(k_t * plan.n_active).astype(jnp.int32)
       new.append(
-          _new_leaf_mask(
-              m,
-              w,
-              g,
-              seeds[i],
-              finite,
-              k=k,
-              kmax=kmax,
-              grow_random=topology == "set",
+          _leaf_next_mask(
+              m, w, g, seeds[i], k, plan, grow_random=topology == "set"
           )
       )
-    new_masks = jax.tree.unflatten(treedef, new)
-    ever = jax.tree.map(
-        lambda bits, m: bits | _pack(m), state.ever_active, new_masks
+    treedef = jax.tree.structure(state.masks, is_leaf=tree_lib.is_none)
+    apply = apply & _all_finite(params, grads)
+    masks = _where(apply, jax.tree.unflatten(treedef, new), state.masks)
+    factors = _where(
+        apply,
+        skew_lib.mask_density_factors(masks, neuron_axis),
+        state.density_factors,
     )
-    factors = skew_lib.mask_density_factors(new_masks, neuron_axis)
-    return new_masks, ever, factors
+    ever = jax.tree.map(
+        lambda bits, m: bits | _pack(m), state.ever_active, masks
+    )
+    return masks, ever, factors
 
   def update_fn(
       updates,
@@ -579,38 +492,31 @@ def topology_update(
       **extra_args,
   ):
     del extra_args
+    if mask_update is not None and not isinstance(mask_update, bool):
+      raise ValueError(
+          "mask_update must be None (decide in the graph) or a Python bool "
+          f"(a static choice of the compiled variant), got {mask_update!r}"
+      )
     step = optax.safe_increment(state.step)
-    if not dynamic or mask_update is False:
-      return (
-          masking.mask_updates(updates, state.masks),
-          state._replace(step=step, changed=jnp.zeros([], bool)),
+    if sched is None or mask_update is False:
+      missed = jnp.zeros([], jnp.int32)
+      if sched is not None:  # a due step run by the ordinary variant
+        missed = sched.is_due(state.step).astype(jnp.int32)
+      return masking.mask_updates(updates, state.masks), state._replace(
+          step=step,
+          changed=jnp.zeros([], bool),
+          missed_updates=state.missed_updates + missed,
       )
     if params is None:
       raise ValueError(
           f"topology_update({topology!r}) needs params in update() "
           "(the drop criterion ranks |w|)"
       )
-    if mask_update is not None and not isinstance(mask_update, bool):
-      raise ValueError(
-          "mask_update must be None (decide in the graph) or a Python bool "
-          f"(a static choice of the compiled variant), got {mask_update!r}"
-      )
     grads = updates if grow_grads is None else grow_grads
-    due = is_mask_update_step(
-        state.step, update_every=update_every, end_step=end_step
-    )
+    due = sched.is_due(state.step)
 
-    def change(state, params, grads, updates):
-      masks, ever, factors = next_masks(state, params, grads)
-      if mask_update:  # the host chose this variant: still follow the schedule
-        masks = jax.tree.map(
-            lambda new, old: jnp.where(due, new, old), masks, state.masks
-        )
-        factors = jax.tree.map(
-            lambda new, old: jnp.where(due, new, old),
-            factors,
-            state.density_factors,
-        )
+    def change(apply, state, params, grads, updates):
+      masks, ever, factors = next_masks(state, params, grads, apply)
       # Survivors only: dropped weights get no step, grown ones start at zero.
       survivors = jax.tree.map(jnp.logical_and, state.masks, masks)
       return masks, ever, factors, masking.mask_updates(updates, survivors)
@@ -624,15 +530,21 @@ def topology_update(
           masking.mask_updates(updates, state.masks),
       )
 
-    if mask_update:
-      masks, ever, factors, updates = change(state, params, grads, updates)
+    if mask_update:  # the host chose this variant: still follow the schedule
+      out = change(due, state, params, grads, updates)
     else:
-      masks, ever, factors, updates = jax.lax.cond(
-          due, change, keep_masks, state, params, grads, updates
+      out = jax.lax.cond(
+          due,
+          functools.partial(change, jnp.ones([], bool)),
+          keep_masks,
+          state,
+          params,
+          grads,
+          updates,
       )
-    return updates, TopologyState(
+    masks, ever, factors, updates = out
+    return updates, state._replace(
         step=step,
-        key=state.key,
         masks=masks,
         ever_active=ever,
         density_factors=factors,

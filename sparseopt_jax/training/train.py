@@ -71,14 +71,15 @@ class Setup:
   def end_step(self) -> int:
     return int(self.config.end_fraction * self.num_steps)
 
+  @property
+  def schedule(self) -> so.MaskSchedule | None:
+    """The mask-update schedule the optimizer was built with (None if none)."""
+    return mask_schedule(self.config, self.num_steps)
+
   def is_mask_update(self, step: int) -> bool:
     """Whether the train step that starts from ``state.step == step`` updates the masks."""
-    cfg = self.config
-    if cfg.dense or cfg.topology == "static":
-      return False
-    return so.is_mask_update_step(
-        step, update_every=cfg.update_every, end_step=self.end_step
-    )
+    schedule = self.schedule
+    return schedule is not None and schedule.is_due(step)
 
 
 # ---------------------------------------------------------------------------
@@ -91,6 +92,19 @@ def build_model(cfg: presets.TrainConfig, info: input_lib.DatasetInfo):
     key = models.model_key(cfg.model)
     kwargs[models.WIDTH_FIELDS.get(key, "num_filters")] = cfg.width
   return models.get_model(cfg.model, **kwargs)
+
+
+def mask_schedule(
+    cfg: presets.TrainConfig, num_steps: int
+) -> so.MaskSchedule | None:
+  """The one schedule of mask updates, shared by the optimizer and the loop."""
+  if cfg.dense or cfg.topology == "static":
+    return None
+  return so.mask_update_schedule(
+      update_every=cfg.update_every,
+      end_step=int(cfg.end_fraction * num_steps),
+      drop_fraction=cfg.drop_fraction,
+  )
 
 
 def lr_schedule(cfg: presets.TrainConfig, num_steps: int, steps_per_epoch: int):
@@ -152,9 +166,7 @@ def build_optimizer(
           cfg.sparsity,
           distribution=cfg.distribution,
           topology=cfg.topology,
-          update_every=cfg.update_every,
-          drop_fraction=cfg.drop_fraction,
-          end_step=int(cfg.end_fraction * num_steps),
+          schedule=mask_schedule(cfg, num_steps),
           skew=cfg.skew,
           grow_with=cfg.grow_with,
           structure=cfg.structure,
@@ -497,6 +509,23 @@ class HostScheduledStep:
     return self._variants[key](state, batch)
 
 
+def check_schedule_kept(summary: dict, step: int) -> None:
+  """RuntimeError if the loop's flags went out of step with the optimizer's schedule.
+
+  The state counts the due steps that ran the ordinary variant and the mask
+  changes left without a state re-mask (see :mod:`sparseopt_jax.schedule`);
+  either means the masks did not follow the schedule, which no result may hide.
+  """
+  missed = summary.get("missed_mask_updates") or 0
+  unremasked = summary.get("unremasked_mask_updates") or 0
+  if missed or unremasked:
+    raise RuntimeError(
+        f"by step {step} the loop ran {missed} due mask update(s) as ordinary"
+        f" steps and skipped {unremasked} optimizer-state re-mask(s): its"
+        " mask_update flags are out of step with the optimizer's schedule"
+    )
+
+
 def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
   """This process's host batch -> one global array per key, sharded on 'data'."""
   sharding = NamedSharding(mesh, P("data"))
@@ -648,6 +677,7 @@ def _run_locked(
     }
     if probe is not None:
       summary = so.sparsity_summary(state.opt_state, params=state.params)
+      check_schedule_kept(summary, step)
       row.update(
           sparsity=summary["sparsity"],
           params_sparsity=summary["params_sparsity"],
