@@ -1,6 +1,7 @@
 """Host-scheduled mask updates, the state re-mask rule, tie-breaking and non-finite safety."""
 
 import functools
+import re
 
 import chex
 import jax
@@ -157,7 +158,48 @@ def test_state_stays_zero_at_pruned_weights_without_remask_on_ordinary_steps(
   assert changed >= 2
 
 
-def test_ordinary_variant_holds_no_conditional_and_no_selection():
+def _computations(hlo_text):
+  """{name: body} of the computations in an HLO module's text, and ENTRY's name."""
+  comps, entry, name, lines = {}, None, None, []
+  for line in hlo_text.splitlines():
+    head = re.match(r"(ENTRY )?%([\w.\-]+) ", line)
+    if head:
+      name, lines = head.group(2), []
+      entry = name if head.group(1) else entry
+    elif line.startswith("}") and name is not None:
+      comps[name], name = "\n".join(lines), None
+    elif name is not None:
+      lines.append(line)
+  return comps, entry
+
+
+def _unconditional_text(hlo_text):
+  """The computations ENTRY runs without passing through a conditional's branch."""
+  comps, entry = _computations(hlo_text)
+  seen, todo = set(), [entry]
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    body = re.sub(
+        r"(branch_computations=\{[^}]*\}|(true|false)_computation=%[\w.\-]+)",
+        "",
+        comps[name],
+    )
+    todo += re.findall(r"%([\w.\-]+)", body)
+  return "\n".join(comps[n] for n in seen)
+
+
+def _selection(text):
+  """Top-k selection ops: XLA's TopK custom call (CPU) or a sort."""
+  return 'custom_call_target="TopK"' in text or "sort(" in text
+
+
+def test_only_the_in_graph_variant_puts_the_mask_update_behind_a_conditional():
+  """mask_update=False compiles no conditional and no selection; True runs the
+  selection unconditionally (outside any conditional); None (decide in the
+  graph) holds a conditional, and every selection op sits inside one."""
   tx = _sparseopt("sgd_momentum")
   params = _params()
   state = tx.init(params)
@@ -174,12 +216,10 @@ def test_ordinary_variant_holds_no_conditional_and_no_selection():
       )
       for flag in (False, True, None)
   }
-  for (
-      text
-  ) in hlo.values():  # the update's selection is there iff its code is compiled
-    assert "conditional(" in text or text is hlo[False]
-  assert "conditional(" not in hlo[False] and "sort(" not in hlo[False]
-  assert "sort(" in hlo[True] and "sort(" in hlo[None]
+  assert "conditional(" not in hlo[False] and not _selection(hlo[False])
+  assert _selection(_unconditional_text(hlo[True]))
+  assert "conditional(" in hlo[None] and _selection(hlo[None])
+  assert not _selection(_unconditional_text(hlo[None]))
 
 
 def test_update_variant_still_follows_the_schedule():
@@ -202,12 +242,19 @@ def test_mask_update_must_be_a_python_bool():
     tx.update(params, tx.init(params), params, mask_update=jnp.bool_(True))
 
 
-def _tie_drop(seed):
-  """Masks after one RigL update where every active |w| and every |g| ties."""
+_TIE_MASK = np.zeros((64, 8), bool)
+_TIE_MASK.reshape(-1)[np.random.default_rng(5).permutation(512)[:256]] = True
+
+
+def _tie_update(seed):
+  """Masks before and after one jitted RigL update from fixed masks (256 of 512
+  active) where every active |w| ties (1.0) and every inactive |g| ties (1.0);
+  active weights have g = 0, so none of them is regrown."""
   params = {"w": jnp.ones((64, 8))}
+  before = jnp.asarray(_TIE_MASK)
   tx = so.topology_update(
       "rigl",
-      sparsity=0.5,
+      masks={"w": before},
       update_every=1,
       end_step=10,
       seed=seed,
@@ -215,27 +262,53 @@ def _tie_drop(seed):
   )
   state = tx.init(params)
   params = so.apply_masks(params, state)
-  before = state.masks["w"]
-  _, state = tx.update(
-      {"w": jnp.ones((64, 8))}, state._replace(step=jnp.int32(1)), params
+  grads = {"w": jnp.where(before, 0.0, 1.0)}
+  _, state = jax.jit(tx.update)(
+      grads, state._replace(step=jnp.int32(1)), params
   )
-  return before, state.masks["w"]
+  return np.asarray(before), np.asarray(so.get_masks(state)["w"])
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_ties_are_broken_by_the_seed_not_by_index(seed):
-  before, after = _tie_drop(seed)
-  dropped = np.flatnonzero(np.asarray(before & ~after))
-  active = np.flatnonzero(np.asarray(before))
-  # k = floor(0.25 / 2 * (1 + cos(pi / 10)) * 256) = 62 dropped, some of them regrown.
-  assert 0 < len(dropped) <= 62
-  # Not the first (or last) active weights in index order.
-  assert not np.array_equal(dropped, active[: len(dropped)])
-  assert not np.array_equal(dropped, active[-len(dropped) :])
-  # The same for one seed, different across seeds.
-  np.testing.assert_array_equal(after, _tie_drop(seed)[1])
-  assert not np.array_equal(after, _tie_drop(seed + 7)[1])
-  assert int(after.sum()) == int(before.sum())
+  before, after = _tie_update(seed)
+  k = 62  # the count is pinned by test_drop_count_is_floor_of_the_cosine_fraction
+  dropped = np.flatnonzero(before & ~after)
+  grown = np.flatnonzero(after & ~before)
+  active, inactive = np.flatnonzero(before), np.flatnonzero(~before)
+  assert len(dropped) == len(grown) == k
+  # Neither the first nor the last tied candidates in index order.
+  assert not np.array_equal(dropped, active[:k])
+  assert not np.array_equal(dropped, active[-k:])
+  assert not np.array_equal(grown, inactive[:k])
+  assert not np.array_equal(grown, inactive[-k:])
+  # The same for one seed, different across seeds (from the same masks): both the
+  # dropped and the grown weights.
+  np.testing.assert_array_equal(after, _tie_update(seed)[1])
+  other = _tie_update(seed + 7)[1]
+  assert not np.array_equal(before & ~after, before & ~other)
+  assert not np.array_equal(after & ~before, other & ~before)
+
+
+def test_drop_count_is_floor_of_the_cosine_fraction():
+  """At update step t a leaf with n active weights drops k = floor(f_t * n),
+  f_t = alpha/2 (1 + cos(pi t / end_step)), and grows k; the count stays n."""
+  before, after = _tie_update(0)
+  n = int(before.sum())
+  f_t = float(optax.cosine_decay_schedule(0.25, 10)(1))
+  k = int(np.floor(f_t * n))
+  # The cap min(inactive weights, floor(alpha * n)) does not bind here.
+  assert k < min(int((~before).sum()), int(np.floor(0.25 * n)))
+  kept = before & after
+  dropped = before & ~after
+  grown = after & ~before
+  assert int(dropped.sum()) == k == int(grown.sum())
+  assert int(kept.sum()) == n - k
+  assert int(after.sum()) == n
+  # Active weights had g = 0 and inactive ones g = 1: no dropped weight is regrown,
+  # every grown weight was inactive before.
+  assert not np.any(grown & before)
+  np.testing.assert_array_equal(after, kept | grown)
 
 
 def _update_step_masks(grads, params=None, wrap=lambda tx: tx):

@@ -1,5 +1,8 @@
 """Skew correction: the -0.5 slope BatchNorm creates, and both correction modes."""
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,14 +50,35 @@ def conv_bn_grads():
   return params, masks, jax.jit(jax.grad(loss))(params)
 
 
-def test_raw_slope_is_minus_half_and_corrected_is_flat(conv_bn_grads):
+def test_raw_slope_is_minus_half_and_the_density_correction_adds_exactly_half(
+    conv_bn_grads,
+):
+  """BatchNorm after a sparse conv skews log rms(g_i) by -0.5 log d_i at init;
+  the density stage's output, g_ij * sqrt(d_i / mean d), has the slope raw + 0.5
+  (so about 0), measured on that output itself."""
   params, masks, grads = conv_bn_grads
   raw = float(so.skew_slope(grads, masks)["Conv_0/kernel"])
   tx = so.skew_correct("density")
-  corrected_grads, _ = tx.update(grads, tx.init(params), params, masks=masks)
+  corrected_grads, _ = jax.jit(lambda g, s, p, m: tx.update(g, s, p, masks=m))(
+      grads, tx.init(params), params, masks
+  )
+  # The factors, computed here from the mask: d_i = fraction of neuron i's fan-in kept.
+  m = np.asarray(masks["Conv_0"]["kernel"])
+  d = m.mean(axis=(0, 1, 2))
+  c = np.sqrt(d / d.mean())
+  g = np.asarray(grads["Conv_0"]["kernel"])
+  np.testing.assert_allclose(
+      np.where(m, corrected_grads["Conv_0"]["kernel"], 0.0),
+      np.where(m, g * c, 0.0),
+      rtol=1e-5,
+      atol=1e-12,
+  )
+  chex.assert_trees_all_equal(
+      corrected_grads["BatchNorm_0"], grads["BatchNorm_0"]
+  )
   corrected = float(so.skew_slope(corrected_grads, masks)["Conv_0/kernel"])
-  assert -0.6 < raw < -0.4, raw
-  assert abs(corrected) < 0.1, corrected
+  assert -0.6 < raw < -0.4, raw  # the skew BatchNorm creates
+  assert corrected == pytest.approx(raw + 0.5, abs=1e-4), (raw, corrected)
 
 
 def test_slope_is_flat_without_batchnorm():
@@ -128,22 +152,70 @@ def test_bn_mode_floors_dead_channels():
   assert float(out["k"][0, 0]) == pytest.approx(0.2)
 
 
-def test_bn_mode_end_to_end_in_sparseopt(small_net):
+def test_bn_mode_in_sparseopt_scales_by_the_running_variances(small_net):
+  """End to end through sparseopt and a jitted train step: once training has
+  made the BatchNorm running variances differ per channel, the chain's update
+  is g_ij * max(0.1, sqrt((v_i + eps) / mean_j (v_j + eps))) on each
+  BN-paired kernel (the density factor on the unpaired Dense kernel, g on the
+  dense leaves): not the uncorrected chain's update."""
   from conftest import BN_PAIRS, make_train_step
 
   model, variables, batch = small_net
-  tx = optax.chain(
-      so.sparseopt(
-          0.9, skew="bn", bn_pairs=BN_PAIRS, update_every=2, end_step=10
-      ),
-      optax.sgd(0.1, momentum=0.9),
+  sparse = so.sparseopt(
+      0.9, skew="bn", bn_pairs=BN_PAIRS, update_every=2, end_step=10
   )
+  tx = optax.chain(sparse, optax.sgd(0.1, momentum=0.9))
   step = make_train_step(model, tx)
   p, b = variables["params"], variables["batch_stats"]
   s = tx.init(p)
   p = so.apply_masks(p, s)
   losses = []
   for _ in range(6):
-    p, b, s, loss, _ = step(p, b, s, batch)
+    p, b, s, loss, grads = step(p, b, s, batch)
     losses.append(float(loss))
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+  masks = so.get_masks(s)
+  # The ordinary (no mask update) variant of the chain's first stage, as in use.
+  update = jax.jit(functools.partial(sparse.update, mask_update=False))
+
+  def expected_update(batch_stats):
+    expected = jax.tree.map(np.asarray, grads)
+    for conv, bn in (("Conv_0", "BatchNorm_0"), ("Conv_1", "BatchNorm_1")):
+      v = np.asarray(batch_stats[bn]["var"], np.float64) + 1e-5
+      c = np.maximum(0.1, np.sqrt(v / v.mean()))
+      expected[conv]["kernel"] = np.where(
+          masks[conv]["kernel"], expected[conv]["kernel"] * c, 0.0
+      )
+    dense_mask = np.asarray(masks["Dense_0"]["kernel"])
+    d = dense_mask.mean(axis=0)
+    expected["Dense_0"]["kernel"] = np.where(
+        dense_mask, expected["Dense_0"]["kernel"] * np.sqrt(d / d.mean()), 0.0
+    )
+    return expected
+
+  # The running variances after training (within about 1% of each other), and the
+  # same spread over 0.001x..3x, so that the floor binds on the first channels.
+  spread = jax.tree.map(lambda x: x, b)
+  for bn in ("BatchNorm_0", "BatchNorm_1"):
+    spread[bn]["var"] = b[bn]["var"] * jnp.linspace(0.001, 3.0, 16)
+  for stats in (b, spread):
+    out, _ = update(grads, s[0], p, batch_stats=stats)
+    jax.tree.map(
+        functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=1e-9),
+        jax.tree.map(np.asarray, out),
+        expected_update(stats),
+    )
+  out, _ = update(grads, s[0], p, batch_stats=b)
+
+  # The uncorrected chain on the same masks returns the masked raw gradient.
+  plain = so.sparseopt(0.9, skew=None, masks=masks, update_every=2, end_step=10)
+  plain_out, _ = plain.update(grads, plain.init(p), p)
+  for conv in ("Conv_0", "Conv_1"):
+    np.testing.assert_array_equal(
+        plain_out[conv]["kernel"],
+        np.where(masks[conv]["kernel"], grads[conv]["kernel"], 0.0),
+    )
+    assert not np.allclose(
+        out[conv]["kernel"], plain_out[conv]["kernel"], rtol=1e-3, atol=0
+    )

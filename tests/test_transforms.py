@@ -254,13 +254,24 @@ def test_grow_with_changes_the_grown_weights(small_net):
   assert not _tree_equal(results["raw"], results["corrected"])
 
 
-def test_topology_is_deterministic_for_a_seed(small_net):
+def test_topology_is_deterministic_for_a_seed_and_its_draws_follow_the_seed(
+    small_net,
+):
+  """SET through a jitted train step: one seed gives the same masks every run;
+  from the same initial masks, another seed gives other masks after the
+  updates (its random growth and tie order are drawn from the seed, not only
+  its initial masks)."""
   model, variables, batch = small_net
 
-  def run(seed):
+  def run(seed, masks=None):
     tx = optax.chain(
         so.sparseopt(
-            0.9, topology="set", update_every=2, end_step=20, seed=seed
+            0.9,
+            topology="set",
+            update_every=2,
+            end_step=20,
+            seed=seed,
+            masks=masks,
         ),
         optax.sgd(0.1),
     )
@@ -272,8 +283,18 @@ def test_topology_is_deterministic_for_a_seed(small_net):
       p, b, s, _, _ = step(p, b, s, batch)
     return so.get_masks(s)
 
-  assert _tree_equal(run(0), run(0))
-  assert not _tree_equal(run(0), run(1))
+  init = so.get_masks(
+      so.sparseopt(0.9, topology="set", update_every=2, end_step=20).init(
+          variables["params"]
+      )
+  )
+  first = run(0, init)
+  assert not _tree_equal(
+      first, init
+  )  # the updates at steps 2, 4, 6 moved weights
+  assert _tree_equal(first, run(0, init))
+  assert _tree_equal(first, run(0))  # seed 0's own initial masks are init
+  assert not _tree_equal(first, run(1, init))
 
 
 def test_grown_weights_start_at_zero_with_zero_moments():
