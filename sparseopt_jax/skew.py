@@ -58,13 +58,6 @@ class SkewState(NamedTuple):
   density_factors: Any
 
 
-def density_factors(densities: jax.Array) -> jax.Array:
-  """c_i = sqrt(d_i / mean_j d_j), 0 where d_i = 0 or the layer is empty."""
-  mean = jnp.mean(densities)
-  safe = jnp.where(mean > 0, mean, 1.0)
-  return jnp.where(mean > 0, jnp.sqrt(densities / safe), 0.0)
-
-
 def mask_density_factors(
     masks: Any, neuron_axis: int | None, xp: Any = jnp
 ) -> Any:

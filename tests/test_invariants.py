@@ -177,6 +177,7 @@ def cases(draw):
       weights=draw(st.sampled_from(["normal", "constant", "rounded"])),
       nan_step=draw(st.one_of(st.none(), st.integers(0, NUM_STEPS - 1))),
       nan_at=draw(st.sampled_from(["pruned", "active"])),
+      nan_value=draw(st.sampled_from([np.nan, np.inf, -np.inf])),
       seed=draw(st.integers(0, 3)),
   )
   if corner:
@@ -307,7 +308,7 @@ def _inject_nan(case, grads, masks):
     where = ~m if case["nan_at"] == "pruned" else m
     if where.any():
       g = grads[path].copy()
-      g[np.unravel_index(np.argmax(where), m.shape)] = np.nan
+      g[np.unravel_index(np.argmax(where), m.shape)] = case["nan_value"]
       grads[path] = g
       return True
   return False
@@ -425,6 +426,7 @@ def _measured_case(topology):
       weights="constant",
       nan_step=None,
       nan_at="pruned",
+      nan_value=np.nan,
       seed=0,
   )
 

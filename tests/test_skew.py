@@ -97,13 +97,17 @@ def test_slope_is_flat_without_batchnorm():
 
 
 def test_density_factor_is_zero_for_empty_neurons_never_nan():
-  d = jnp.array([0.0, 0.25, 0.5, 0.0])
-  c = so.skew.density_factors(d)
-  assert not jnp.any(jnp.isnan(c))
-  np.testing.assert_allclose(
-      c, [0, np.sqrt(0.25 / 0.1875), np.sqrt(0.5 / 0.1875), 0], rtol=1e-6
-  )
-  assert jnp.all(so.skew.density_factors(jnp.zeros(4)) == 0)
+  # Fan-in 4; neurons keep 0, 1, 2 and 0 weights: d = [0, 0.25, 0.5, 0].
+  mask = np.zeros((4, 4), bool)
+  mask[:1, 1] = mask[:2, 2] = True
+  leaf = functools.partial(so.skew.mask_density_factors, neuron_axis=None)
+  for xp in (np, jnp):
+    c = np.asarray(leaf({"k": mask}, xp=xp)["k"])
+    assert not np.any(np.isnan(c))
+    np.testing.assert_allclose(
+        c, [0, np.sqrt(0.25 / 0.1875), np.sqrt(0.5 / 0.1875), 0], rtol=1e-6
+    )
+    assert np.all(np.asarray(leaf({"k": mask & False}, xp=xp)["k"]) == 0)
 
 
 def test_bn_mode_reads_running_variance_and_falls_back_to_density():
