@@ -77,6 +77,8 @@ def drop_and_grow(
 
   ``weight`` ranks the drop (smallest |w| first) and ``grow_score`` the
   growth (largest first); ``drop_keys`` and ``grow_keys`` order exact ties.
+  ``kmax`` must not exceed any row's active or inactive weights
+  (:func:`row_kmax` sees to it): then both selections find their count.
   """
   dropped = selection.select_rows(
       -jnp.abs(weight), active, count, kmax, drop_keys

@@ -229,6 +229,204 @@ def _resolve_schedule(
   )
 
 
+class _MaskConfig(NamedTuple):
+  """What the stage knows of its masks before it sees params; static."""
+
+  sparsity: float
+  distribution: budgets.Distribution
+  keep: Any  # the sparse-leaf filter
+  sparse_filter: Any  # as given, for the error message
+  seed: int
+  spec: structure_lib.Structure | None
+  neuron_axis: int | None
+  given: Any  # the given masks, or None
+  given_counts: dict[str, int] | None  # their active weights per leaf
+  given_per_row: dict[str, int] | None  # and per row, when structured
+
+
+def _mask_config(
+    sparsity, distribution, masks, sparse_filter, seed, neuron_axis, structure
+) -> _MaskConfig:
+  """Checks the mask arguments eagerly; ValueError naming the bad one."""
+  sparsity = budgets.check_sparsity(sparsity)
+  distribution = budgets.check_distribution(distribution)
+  tree_lib.check_neuron_axis(neuron_axis)
+  spec = structure_lib.parse(structure)
+  given = None if masks is None else masking.as_bool_masks(masks)
+  given_counts = given_per_row = None
+  if given is None:
+    structure_lib.check_budget(spec, sparsity, distribution)
+  else:
+    given_per_row = structure_lib.check_masks(given, spec, neuron_axis)
+    given_counts = {
+        tree_lib.path_str(p): int(np.sum(np.asarray(m)))
+        for p, m in jax.tree_util.tree_leaves_with_path(
+            given, is_leaf=tree_lib.is_none
+        )
+        if not tree_lib.is_none(m)
+    }
+  return _MaskConfig(
+      sparsity,
+      distribution,
+      tree_lib.make_sparse_filter(sparse_filter),
+      sparse_filter,
+      check_int("seed", seed, 0),
+      spec,
+      neuron_axis,
+      given,
+      given_counts,
+      given_per_row,
+  )
+
+
+def _initial_masks(cfg: _MaskConfig, params: Any) -> Any:
+  """The initial masks as numpy arrays: the given ones (checked) or random ones."""
+  if (
+      isinstance(cfg.sparse_filter, str)
+      and cfg.given is None
+      and not tree_lib.sparse_shapes(params, cfg.keep)
+  ):
+    raise ValueError(
+        f"sparse_filter {cfg.sparse_filter!r} matches no leaf with ndim >= 2;"
+        f" leaf paths look like {tree_lib.leaf_paths(params)[:5]}"
+    )
+  if cfg.given is not None:
+    tree_lib.check_masks_like(cfg.given, params)
+    host_masks = jax.tree.map(
+        lambda m: m if tree_lib.is_none(m) else np.asarray(m),
+        cfg.given,
+        is_leaf=tree_lib.is_none,
+    )
+  else:
+    host_masks = masking.host_random_masks(
+        params,
+        cfg.sparsity,
+        cfg.distribution,
+        sparse_filter=cfg.keep,
+        seed=cfg.seed,
+        structure=cfg.spec,
+        neuron_axis=cfg.neuron_axis,
+    )
+  tree_lib.check_neuron_axis_fits(_sparse_shapes(host_masks), cfg.neuron_axis)
+  return host_masks
+
+
+def _sparse_shapes(masks: Any) -> dict[str, tuple[int, ...]]:
+  return {
+      tree_lib.path_str(p): tuple(m.shape)
+      for p, m in jax.tree_util.tree_leaves_with_path(
+          masks, is_leaf=tree_lib.is_none
+      )
+      if not tree_lib.is_none(m)
+  }
+
+
+def _init_state(cfg: _MaskConfig, params: Any) -> TopologyState:
+  zero = jnp.zeros([], jnp.int32)
+  if tree_lib.is_params_placeholder(params):
+    placeholder = tree_lib.NOT_PARAMS
+    return TopologyState(
+        zero,
+        jax.random.PRNGKey(0),
+        placeholder,
+        placeholder,
+        placeholder,
+        jnp.zeros([], bool),
+        zero,
+        zero,
+    )
+  host_masks = _initial_masks(cfg, params)
+  to_device = lambda tree: jax.tree.map(
+      lambda x: x if tree_lib.is_none(x) else jnp.asarray(x),
+      tree,
+      is_leaf=tree_lib.is_none,
+  )
+  return TopologyState(
+      step=zero,
+      key=jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0x70B0),
+      masks=to_device(host_masks),
+      ever_active=to_device(jax.tree.map(lambda m: _pack(m, np), host_masks)),
+      density_factors=to_device(
+          skew_lib.mask_density_factors(host_masks, cfg.neuron_axis, np)
+      ),
+      changed=jnp.zeros([], bool),
+      missed_updates=zero,
+      unremasked_updates=zero,
+  )
+
+
+def _leaf_plans(
+    cfg: _MaskConfig, masks: Any, alpha: float
+) -> dict[str, _LeafPlan]:
+  """Per sparse leaf: its row view, active count and row kmax; static."""
+  shapes = _sparse_shapes(masks)
+  if cfg.given_counts is not None:
+    counts, per_row = cfg.given_counts, cfg.given_per_row
+  else:
+    sparsities = budgets.layer_sparsities(
+        shapes, cfg.sparsity, cfg.distribution
+    )
+    counts = budgets.active_counts(
+        shapes, sparsities, structure=cfg.spec, neuron_axis=cfg.neuron_axis
+    )
+    if cfg.spec is not None:
+      per_row = structure_lib.per_row_counts(
+          shapes, sparsities, cfg.spec, cfg.neuron_axis
+      )
+  plans = {}
+  for path, shape in shapes.items():
+    n = counts[path]
+    if cfg.spec is None:
+      lay, in_row = structure_lib.flat_layout(shape), n
+    else:
+      lay = structure_lib.layout(path, shape, cfg.spec, cfg.neuron_axis)
+      in_row = per_row[path]
+    plans[path] = _LeafPlan(
+        lay, n, rules.row_kmax(lay.row_len, in_row, n, alpha)
+    )
+  return plans
+
+
+def _next_masks(cfg, sched, grow_random, state, params, grads, apply):
+  """(masks, ever_active, density_factors) after the update at ``state.step``.
+
+  The masks change only where ``apply`` (a due step) holds and every weight
+  and gradient is finite; the exploration record takes only applied masks.
+  """
+  plans = _leaf_plans(cfg, state.masks, sched.drop_fraction)
+  f_t = sched.fraction(state.step)
+  paths_masks = jax.tree_util.tree_leaves_with_path(
+      state.masks, is_leaf=tree_lib.is_none
+  )
+  seeds = jax.random.bits(
+      jax.random.fold_in(state.key, state.step),
+      (len(paths_masks), 3),
+      jnp.uint32,
+  )
+  # Flattened like the masks: a MaskedNode (another multi_transform branch's leaf) counts.
+  flat = lambda tree: jax.tree.leaves(tree, is_leaf=tree_lib.is_none)
+  new = []
+  for i, ((p, m), w, g) in enumerate(
+      zip(paths_masks, flat(params), flat(grads), strict=True)
+  ):
+    plan = None if tree_lib.is_none(m) else plans.get(tree_lib.path_str(p))
+    if plan is None or plan.kmax <= 0:  # dense, or nothing can move
+      new.append(m)
+      continue
+    k = jnp.floor(f_t * plan.n_active).astype(jnp.int32)
+    new.append(_leaf_next_mask(m, w, g, seeds[i], k, plan, grow_random))
+  treedef = jax.tree.structure(state.masks, is_leaf=tree_lib.is_none)
+  apply = apply & _all_finite(params, grads)
+  masks = _where(apply, jax.tree.unflatten(treedef, new), state.masks)
+  factors = _where(
+      apply,
+      skew_lib.mask_density_factors(masks, cfg.neuron_axis),
+      state.density_factors,
+  )
+  ever = jax.tree.map(lambda bits, m: bits | _pack(m), state.ever_active, masks)
+  return masks, ever, factors
+
+
 def topology_update(
     topology: str = "rigl",
     *,
@@ -301,186 +499,16 @@ def topology_update(
   (``so.sparsity_summary(state)["missed_mask_updates"]``).
   """
   check_choice("topology", topology, TOPOLOGIES)
-  sparsity = budgets.check_sparsity(sparsity)
-  distribution = budgets.check_distribution(distribution)
-  keep = tree_lib.make_sparse_filter(sparse_filter)
-  tree_lib.check_neuron_axis(neuron_axis)
   sched = _resolve_schedule(
       topology, schedule, update_every, end_step, drop_fraction
   )
-  seed = check_int("seed", seed, 0)
-  spec = structure_lib.parse(structure)
-  given = None if masks is None else masking.as_bool_masks(masks)
-  if given is None:
-    structure_lib.check_budget(spec, sparsity, distribution)
-  # Per sparse leaf, the active weights of each row of a given structured mask.
-  given_per_row = (
-      None
-      if given is None
-      else structure_lib.check_masks(given, spec, neuron_axis)
+  cfg = _mask_config(
+      sparsity, distribution, masks, sparse_filter, seed, neuron_axis, structure
   )
-  given_counts = None
-  if given is not None:
-    given_counts = {
-        tree_lib.path_str(p): int(np.sum(np.asarray(m)))
-        for p, m in jax.tree_util.tree_leaves_with_path(
-            given, is_leaf=tree_lib.is_none
-        )
-        if not tree_lib.is_none(m)
-    }
+  next_masks = functools.partial(_next_masks, cfg, sched, topology == "set")
 
   def init_fn(params):
-    zero = jnp.zeros([], jnp.int32)
-    if tree_lib.is_params_placeholder(params):
-      return TopologyState(
-          step=zero,
-          key=jax.random.PRNGKey(0),
-          masks=tree_lib.NOT_PARAMS,
-          ever_active=tree_lib.NOT_PARAMS,
-          density_factors=tree_lib.NOT_PARAMS,
-          changed=jnp.zeros([], bool),
-          missed_updates=zero,
-          unremasked_updates=zero,
-      )
-    host_masks = initial_masks(params)
-    to_device = lambda tree: jax.tree.map(
-        lambda x: x if tree_lib.is_none(x) else jnp.asarray(x),
-        tree,
-        is_leaf=tree_lib.is_none,
-    )
-    return TopologyState(
-        step=zero,
-        key=jax.random.fold_in(jax.random.PRNGKey(seed), 0x70B0),
-        masks=to_device(host_masks),
-        ever_active=to_device(jax.tree.map(lambda m: _pack(m, np), host_masks)),
-        density_factors=to_device(
-            skew_lib.mask_density_factors(host_masks, neuron_axis, np)
-        ),
-        changed=jnp.zeros([], bool),
-        missed_updates=zero,
-        unremasked_updates=zero,
-    )
-
-  def initial_masks(params):
-    """The initial masks as numpy arrays: the given ones (checked) or random ones."""
-    if (
-        isinstance(sparse_filter, str)
-        and given is None
-        and not tree_lib.sparse_shapes(params, keep)
-    ):
-      raise ValueError(
-          f"sparse_filter {sparse_filter!r} matches no leaf with ndim >= 2;"
-          f" leaf paths look like {tree_lib.leaf_paths(params)[:5]}"
-      )
-    if given is not None:
-      tree_lib.check_masks_like(given, params)
-      host_masks = jax.tree.map(
-          lambda m: m if tree_lib.is_none(m) else np.asarray(m),
-          given,
-          is_leaf=tree_lib.is_none,
-      )
-    else:
-      host_masks = masking.host_random_masks(
-          params,
-          sparsity,
-          distribution,
-          sparse_filter=keep,
-          seed=seed,
-          structure=spec,
-          neuron_axis=neuron_axis,
-      )
-    tree_lib.check_neuron_axis_fits(
-        {
-            tree_lib.path_str(p): m.shape
-            for p, m in jax.tree_util.tree_leaves_with_path(
-                host_masks, is_leaf=tree_lib.is_none
-            )
-            if not tree_lib.is_none(m)
-        },
-        neuron_axis,
-    )
-    return host_masks
-
-  def leaf_plans(masks) -> dict[str, _LeafPlan]:
-    """Per sparse leaf: its row view, active count and row kmax; static."""
-    shapes = {
-        tree_lib.path_str(p): tuple(m.shape)
-        for p, m in jax.tree_util.tree_leaves_with_path(
-            masks, is_leaf=tree_lib.is_none
-        )
-        if not tree_lib.is_none(m)
-    }
-    if given_counts is not None:
-      counts, per_row = given_counts, given_per_row
-    else:
-      sparsities = budgets.layer_sparsities(shapes, sparsity, distribution)
-      counts = budgets.active_counts(
-          shapes, sparsities, structure=spec, neuron_axis=neuron_axis
-      )
-      per_row = (
-          None
-          if spec is None
-          else structure_lib.per_row_counts(
-              shapes, sparsities, spec, neuron_axis
-          )
-      )
-    plans = {}
-    for path, shape in shapes.items():
-      lay = (
-          structure_lib.flat_layout(shape)
-          if spec is None
-          else structure_lib.layout(path, shape, spec, neuron_axis)
-      )
-      n = counts[path]
-      in_row = n if spec is None else per_row[path]
-      kmax = rules.row_kmax(lay.row_len, in_row, n, sched.drop_fraction)
-      plans[path] = _LeafPlan(lay, n, kmax)
-    return plans
-
-  def next_masks(state, params, grads, apply):
-    """(masks, ever_active, density_factors) after the update at ``state.step``.
-
-    The masks change only where ``apply`` (a due step) holds and every weight
-    and gradient is finite; the exploration record takes only applied masks.
-    """
-    plans = leaf_plans(state.masks)
-    k_t = sched.fraction(state.step)
-    paths_masks = jax.tree_util.tree_leaves_with_path(
-        state.masks, is_leaf=tree_lib.is_none
-    )
-    seeds = jax.random.bits(
-        jax.random.fold_in(state.key, state.step),
-        (len(paths_masks), 3),
-        jnp.uint32,
-    )
-    # Flattened like the masks: a MaskedNode (another multi_transform branch's leaf) counts.
-    flat = lambda tree: jax.tree.leaves(tree, is_leaf=tree_lib.is_none)
-    new = []
-    for i, ((p, m), w, g) in enumerate(
-        zip(paths_masks, flat(params), flat(grads), strict=True)
-    ):
-      plan = None if tree_lib.is_none(m) else plans.get(tree_lib.path_str(p))
-      if plan is None or plan.kmax <= 0:  # dense, or nothing can move
-        new.append(m)
-        continue
-      k = jnp.floor(k_t * plan.n_active).astype(jnp.int32)
-      new.append(
-          _leaf_next_mask(
-              m, w, g, seeds[i], k, plan, grow_random=topology == "set"
-          )
-      )
-    treedef = jax.tree.structure(state.masks, is_leaf=tree_lib.is_none)
-    apply = apply & _all_finite(params, grads)
-    masks = _where(apply, jax.tree.unflatten(treedef, new), state.masks)
-    factors = _where(
-        apply,
-        skew_lib.mask_density_factors(masks, neuron_axis),
-        state.density_factors,
-    )
-    ever = jax.tree.map(
-        lambda bits, m: bits | _pack(m), state.ever_active, masks
-    )
-    return masks, ever, factors
+    return _init_state(cfg, params)
 
   def update_fn(
       updates,

@@ -34,7 +34,7 @@ import pytest
 from hypothesis import strategies as st
 
 import sparseopt_jax as so
-from sparseopt_jax import selection
+from sparseopt_jax import rules, selection
 from sparseopt_jax import structure as structure_lib
 
 hypothesis.settings.register_profile(
@@ -102,6 +102,38 @@ def test_select_rows_takes_exactly_min_count_kmax_best_candidates(case):
     if want and (cand[i] & ~chosen[i]).any():
       # Nothing left behind scores above anything taken.
       assert score[i][cand[i] & ~chosen[i]].max() <= score[i][chosen[i]].min()
+
+
+@hypothesis.given(
+    st.integers(0, 500), st.integers(1, 40), st.integers(0, 2**32 - 1)
+)
+def test_row_counts_split_k_evenly_with_the_remainder_one_each(k, rows, seed):
+  counts = np.asarray(
+      rules.row_counts(jnp.int32(k), rows, jnp.asarray(seed, jnp.uint32))
+  )
+  assert counts.shape == (rows,) and counts.sum() == k
+  assert set(counts.tolist()) <= {k // rows, k // rows + 1}
+
+
+@hypothesis.given(selection_cases(), st.integers(0, 2**32 - 1))
+def test_drop_and_grow_keeps_every_row_count(case, seed):
+  weight, active, count, kmax, _ = case
+  rows, n = weight.shape
+  # The contract (rules.row_kmax): no row drops more than it holds, or more
+  # than the grow step could refill from its inactive weights.
+  room = int(min(active.sum(1).min(), (~active).sum(1).min()))
+  hypothesis.assume(room > 0)
+  kmax = min(kmax, room)
+  grow = np.round(weight[::-1] * 2)  # few values: ties in the growth too
+  keys = selection.hash_keys(weight.size, np.uint32(seed)).reshape(rows, n)
+  new = np.asarray(
+      jax.jit(rules.drop_and_grow, static_argnums=4)(
+          active, weight, grow, count, kmax, keys, keys[::-1]
+      )
+  )
+  np.testing.assert_array_equal(new.sum(1), active.sum(1))
+  moved = (active & ~new).sum(1)
+  assert np.all(moved <= np.clip(count, 0, kmax))
 
 
 # ---------------------------------------------------------------------------
