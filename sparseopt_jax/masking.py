@@ -263,8 +263,13 @@ def apply_masks(params: Any, masks_or_state: Any) -> Any:
   return mask_updates(params, resolve_masks(masks_or_state))
 
 
-def _mask_like_params(state: Any, params: Any, masks: Any) -> Any:
+def _mask_like_params(
+    state: Any, params: Any, masks: Any, changed: Any = True
+) -> Any:
   """Zero the pruned entries of every state subtree that is shaped like the params.
+
+  With a traced ``changed``, only where it holds (``where(m | ~changed, x,
+  0)``: a select that fuses into the producer of ``x``, no conditional).
 
   A subtree counts as shaped like the params when it is of the same container
   type and each of its leaves sits at a params path with that param's shape.
@@ -294,7 +299,10 @@ def _mask_like_params(state: Any, params: Any, masks: Any) -> Any:
 
   def remask(p, x):
     m = by_path.get(tree_lib.path_str(p))
-    return x if tree_lib.is_none(m) else jnp.where(m, x, jnp.zeros((), x.dtype))
+    if tree_lib.is_none(m):
+      return x
+    keep = m if changed is True else m | ~changed
+    return jnp.where(keep, x, jnp.zeros((), x.dtype))
 
   def visit(node):
     if is_stage_state(node) or node is None:
@@ -343,9 +351,11 @@ def apply_updates(
   with the update.
 
   Args:
-    mask_update: None reads the state's record of whether the masks changed
-      (one ``lax.cond``); a Python bool, the same one given to ``tx.update``,
-      decides at trace time (no conditional: the host-scheduled step).
+    mask_update: None (the in-graph form) re-masks the state where the
+      state's record says the masks changed: a select per entry that fuses
+      into the optimizer's pass, cheaper than a conditional that copies the
+      state. A Python bool, the same one given to ``tx.update``, decides at
+      trace time (the host-scheduled step: False leaves the state as it is).
 
   Returns:
     ``(new_params, new_state)``.
@@ -360,17 +370,20 @@ def remask_state(
 ) -> Any:
   """Zero the pruned entries of the params-shaped subtrees of ``state`` if the masks changed.
 
-  ``mask_update`` as in :func:`apply_updates`: None reads the state's record (a
-  ``lax.cond``), a Python bool decides at trace time.
+  ``mask_update`` as in :func:`apply_updates`: None re-masks where the state
+  says the masks changed (a select, no conditional), True re-masks, False
+  leaves the state (and counts a mask change it leaves unmasked).
   """
-  remask = lambda s: _mask_like_params(s, params, masks)
   if mask_update is False:
     # Counted, not silent: a flag here out of step with tx.update's leaves
     # the dropped weights' moments behind (sparsity_summary reports it).
     return _note_unremasked(state)
-  if mask_update is None:
-    changed = _needs_state_remask(state)
-    if isinstance(changed, bool):
-      return remask(state) if changed else state
-    return jax.lax.cond(changed, remask, lambda s: s, state)
-  return remask(state)
+  if mask_update:
+    return _mask_like_params(state, params, masks)
+  changed = _needs_state_remask(state)
+  if changed is False:
+    return state  # masks that never change
+  # No conditional: zeroing the pruned entries where the masks changed is a
+  # select per entry that fuses into the optimizer's own pass over its state;
+  # a lax.cond would copy the whole state on every step instead.
+  return _mask_like_params(state, params, masks, changed)

@@ -322,18 +322,19 @@ def _sparse_shapes(masks: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _init_state(cfg: _MaskConfig, params: Any) -> TopologyState:
-  zero = jnp.zeros([], jnp.int32)
+  # A fresh array per field: a donated state may not hold one buffer twice.
+  zero = lambda: jnp.zeros([], jnp.int32)
   if tree_lib.is_params_placeholder(params):
     placeholder = tree_lib.NOT_PARAMS
     return TopologyState(
-        zero,
+        zero(),
         jax.random.PRNGKey(0),
         placeholder,
         placeholder,
         placeholder,
         jnp.zeros([], bool),
-        zero,
-        zero,
+        zero(),
+        zero(),
     )
   host_masks = _initial_masks(cfg, params)
   to_device = lambda tree: jax.tree.map(
@@ -342,7 +343,7 @@ def _init_state(cfg: _MaskConfig, params: Any) -> TopologyState:
       is_leaf=tree_lib.is_none,
   )
   return TopologyState(
-      step=zero,
+      step=zero(),
       key=jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0x70B0),
       masks=to_device(host_masks),
       ever_active=to_device(jax.tree.map(lambda m: _pack(m, np), host_masks)),
@@ -350,8 +351,8 @@ def _init_state(cfg: _MaskConfig, params: Any) -> TopologyState:
           skew_lib.mask_density_factors(host_masks, cfg.neuron_axis, np)
       ),
       changed=jnp.zeros([], bool),
-      missed_updates=zero,
-      unremasked_updates=zero,
+      missed_updates=zero(),
+      unremasked_updates=zero(),
   )
 
 
@@ -543,35 +544,29 @@ def topology_update(
     grads = updates if grow_grads is None else grow_grads
     due = sched.is_due(state.step)
 
-    def change(apply, state, params, grads, updates):
-      masks, ever, factors = next_masks(state, params, grads, apply)
-      # Survivors only: dropped weights get no step, grown ones start at zero.
-      survivors = jax.tree.map(jnp.logical_and, state.masks, masks)
-      return masks, ever, factors, masking.mask_updates(updates, survivors)
+    def change(apply, state, params, grads):
+      return next_masks(state, params, grads, apply)
 
-    def keep_masks(state, params, grads, updates):
+    def keep(state, params, grads):
       del params, grads
-      return (
-          state.masks,
-          state.ever_active,
-          state.density_factors,
-          masking.mask_updates(updates, state.masks),
-      )
+      return state.masks, state.ever_active, state.density_factors
 
     if mask_update:  # the host chose this variant: still follow the schedule
-      out = change(due, state, params, grads, updates)
+      masks, ever, factors = change(due, state, params, grads)
     else:
-      out = jax.lax.cond(
+      # Only the mask state passes through the conditional: the updates are
+      # masked outside it, so that this fuses into the optimizer's own pass.
+      masks, ever, factors = jax.lax.cond(
           due,
           functools.partial(change, jnp.ones([], bool)),
-          keep_masks,
+          keep,
           state,
           params,
           grads,
-          updates,
       )
-    masks, ever, factors, updates = out
-    return updates, state._replace(
+    # Survivors only: dropped weights get no step, grown ones start at zero.
+    survivors = jax.tree.map(jnp.logical_and, state.masks, masks)
+    return masking.mask_updates(updates, survivors), state._replace(
         step=step,
         masks=masks,
         ever_active=ever,

@@ -533,3 +533,24 @@ def test_schedule_and_its_numbers_are_given_once():
     so.topology_update("rigl", schedule=(5, 23, 0.3))
   with pytest.raises(ValueError, match="never update"):
     so.mask_update_schedule(update_every=5, end_step=5)
+
+
+@pytest.mark.parametrize("topology", ["rigl", "static"])
+def test_the_whole_state_can_be_donated(topology):
+  """No two fields share a buffer: a donated state would be refused."""
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), (16, 8))}
+  tx = optax.chain(
+      so.sparseopt(0.8, topology=topology, end_step=10, update_every=2),
+      optax.sgd(0.1, momentum=0.9),
+  )
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return so.apply_updates(params, updates, state)
+
+  state = tx.init(params)
+  params = so.apply_masks(params, state)
+  for t in range(3):
+    params, state = step(params, state, {"w": jnp.full((16, 8), t + 1.0)})
+  assert int(_topology_state(state).step) == 3
