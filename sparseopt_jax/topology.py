@@ -134,7 +134,7 @@ def _leaf_next_mask(mask, weight, grad, seeds, k, plan, grow_random):
       selection.hash_keys(mask.size, seed).reshape(mask.shape)
   )
   if grow_random:
-    grow_score = selection.as_int_key(keys(seeds[2]))
+    grow_score = keys(seeds[2])  # uint32: a random order
   else:
     grow_score = jnp.abs(rows(grad).astype(jnp.float32))
   new = rules.drop_and_grow(

@@ -192,8 +192,10 @@ def _unconditional_text(hlo_text):
 
 
 def _selection(text):
-  """Top-k selection ops: XLA's TopK custom call (CPU) or a sort."""
-  return 'custom_call_target="TopK"' in text or "sort(" in text
+  """Selection ops: the bisection's loop (a while), or a TopK call or a sort."""
+  return (
+      "while(" in text or 'custom_call_target="TopK"' in text or "sort(" in text
+  )
 
 
 def test_only_the_in_graph_variant_puts_the_mask_update_behind_a_conditional():
