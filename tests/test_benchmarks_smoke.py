@@ -138,6 +138,7 @@ def test_skew_benchmark_smoke(tmp_path):
   )
 
 
+@pytest.mark.multi_device
 def test_scaling_benchmark_smoke(tmp_path):
   results = _run_smoke("scaling", tmp_path)
   rows = results["rows"]
