@@ -29,8 +29,9 @@ import pytest
 MULTI_DEVICE_COUNT = 8
 _DEVICES_ENV = "SPARSEOPT_TEST_DEVICES"
 _REPORT_ENV = "SPARSEOPT_TEST_REPORT"
-# The child's budget per multi-device test (the child kills a collective stuck
-# for 2 minutes itself, with the call's name in its output).
+# The child's budget per multi-device test, unless its marker gives another
+# (`multi_device(timeout=S)`); a collective stuck for 2 minutes aborts the child
+# with the call's name in its output before that.
 MULTI_DEVICE_TIMEOUT_S = 240
 IN_CHILD = int(os.environ.get(_DEVICES_ENV, "1")) > 1
 
@@ -66,11 +67,16 @@ def pytest_collection_modifyitems(config, items):
   per_module = {}
   for item in items:
     if item.get_closest_marker("multi_device"):
-      per_module[item.path] = per_module.get(item.path, 0) + 1
+      per_module[item.path] = per_module.get(item.path, 0) + _budget(item)
   for item in items:
     if item.get_closest_marker("multi_device"):
-      budget = per_module[item.path] * MULTI_DEVICE_TIMEOUT_S
-      item.add_marker(pytest.mark.timeout(budget + 120))
+      item.add_marker(pytest.mark.timeout(per_module[item.path] + 120))
+
+
+def _budget(item) -> int:
+  """Seconds a multi-device test may take in its child."""
+  marker = item.get_closest_marker("multi_device")
+  return marker.kwargs.get("timeout", MULTI_DEVICE_TIMEOUT_S)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -103,21 +109,26 @@ _CHILD_RUNS = {}
 def _child_results(item):
   """Runs the selected multi-device tests of ``item``'s module in one child, once."""
   if item.path not in _CHILD_RUNS:
-    nodeids = [
-        i.nodeid
+    group = [
+        i
         for i in item.session.items
         if i.path == item.path and i.get_closest_marker("multi_device")
     ]
-    _CHILD_RUNS[item.path] = _run_child(item.config, nodeids)
+    _CHILD_RUNS[item.path] = _run_child(
+        item.config,
+        [i.nodeid for i in group],
+        sum(map(_budget, group)),
+        max(map(_budget, group)),
+    )
   return _CHILD_RUNS[item.path]
 
 
-def _run_child(config, nodeids):
-  """``pytest nodeids`` on MULTI_DEVICE_COUNT devices, killed past its budget.
+def _run_child(config, nodeids, budget, per_test):
+  """``pytest nodeids`` on MULTI_DEVICE_COUNT devices, killed after ``budget`` s.
 
-  Returns (results by node id, how the child ended, its output).
+  ``per_test``: the child's own limit of each test (pytest-timeout). Returns
+  (results by node id, how the child ended, its output).
   """
-  budget = len(nodeids) * MULTI_DEVICE_TIMEOUT_S
   fd, report = tempfile.mkstemp(
       prefix="sparseopt-multi-device-", suffix=".jsonl"
   )
@@ -138,7 +149,7 @@ def _run_child(config, nodeids):
       "-o",
       "addopts=",
       "-o",
-      f"timeout={MULTI_DEVICE_TIMEOUT_S}",
+      f"timeout={per_test}",
       *nodeids,
   ]
   # A session of its own: a kill reaches whatever the tests started too.

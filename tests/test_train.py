@@ -217,26 +217,29 @@ def test_eight_devices_match_one_device():
   assert _entries_differing(masks[1], masks[8]) <= NEAR_TIE_FRACTION * moved
 
 
-@pytest.mark.multi_device
-@pytest.mark.slow  # two runs on 2 and 8 simulated devices; tests/test_sharding.py covers the
-def test_model_parallel_run_matches_data_parallel(
-    tmp_path,
-):  # same layout in the default run
-  """Kernels' output axes sharded over a 'model' mesh axis, masks and moments with them."""
-  # Two steps, the second a mask update: this tiny ReLU net amplifies float32 rounding
-  # (the sharded convolutions sum in another order) ~50x a step, so only the first
-  # steps can be compared at rounding level (see benchmarks/scaling.py).
+@pytest.mark.multi_device(timeout=900)
+# Slow: runs on 2 and 8 simulated devices; tests/test_sharding.py covers the same
+# layout in the default run.
+@pytest.mark.slow
+def test_model_parallel_run_matches_data_parallel(tmp_path):
+  """Kernels' output axes sharded over a 'model' mesh axis, masks and moments with them.
+
+  The sharded convolutions sum in another order, so (as in
+  test_eight_devices_match_one_device) the params are compared after the first
+  step, before any mask update, and the masks after the second step's update.
+  """
   cfg = tiny(steps=4, update_every=1, eval_every=2, checkpoint_every=2)
-  finals = {}
+  init = train.create_train_state(*_setup_of(cfg))
+  first, finals = {}, {}
   # The same 'data' axis (2 devices) in both runs, so the batch statistics sum alike.
   for m in (1, 4):
-    state, _ = run(
-        dataclasses.replace(cfg, model_parallel=m),
-        tmp_path / f"m{m}",
-        num_devices=2 * m,
-        stop_at=2,
+    cfg_m = dataclasses.replace(cfg, model_parallel=m)
+    workdir = tmp_path / f"m{m}"
+    state, _ = run(cfg_m, workdir, num_devices=2 * m, stop_at=1)
+    first[m] = jax.device_get(state)
+    finals[m], _ = run(
+        cfg_m, workdir, num_devices=2 * m, stop_at=2, resume=True
     )
-    finals[m] = state
   kernel = finals[4].params["stage3_block0"]["conv1"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(
       None, None, None, "model"
@@ -244,22 +247,18 @@ def test_model_parallel_run_matches_data_parallel(
   assert so.get_masks(finals[4].opt_state)["stage3_block0"]["conv1"][
       "kernel"
   ].sharding.spec == (kernel.sharding.spec)
-  chex.assert_trees_all_equal(
-      so.get_masks(finals[1].opt_state), so.get_masks(finals[4].opt_state)
+  change = _leaf_max_abs(first[1].params, jax.device_get(init.params))
+  diff = _leaf_max_abs(first[1].params, first[4].params)
+  worst = max(diff, key=lambda k: diff[k] / max(change[k], 1e-30))
+  assert diff[worst] <= REORDERED_SUM_TOLERANCE * change[worst], (
+      worst,
+      diff[worst],
+      change[worst],
   )
-  assert not jax.tree.all(
-      jax.tree.map(
-          jnp.array_equal,
-          so.get_masks(finals[4].opt_state),
-          so.get_masks(train.create_train_state(*_setup_of(cfg)).opt_state),
-      )
-  )
-  chex.assert_trees_all_close(
-      jax.device_get(finals[1].params),
-      jax.device_get(finals[4].params),
-      rtol=1e-4,
-      atol=1e-5,
-  )
+  masks = {m: jax.device_get(so.get_masks(finals[m].opt_state)) for m in (1, 4)}
+  moved = _entries_differing(masks[1], so.get_masks(init.opt_state))
+  assert moved > 0
+  assert _entries_differing(masks[1], masks[4]) <= NEAR_TIE_FRACTION * moved
 
 
 def _setup_of(cfg):
