@@ -99,7 +99,10 @@ def test_tiny_preset_trains_on_real_fashion_mnist(tmp_path):
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(skew="bn"),
+        # Slow (about 80 s), as the other arms: the bn correction is also run end to
+        # end by tests/test_skew.py and in the training program by the skew metric
+        # test below.
+        pytest.param(dict(skew="bn"), marks=pytest.mark.slow),
         pytest.param(dict(dense=True), marks=pytest.mark.slow),
         pytest.param(dict(topology="set", skew=None), marks=pytest.mark.slow),
     ],
