@@ -8,9 +8,32 @@ core tests so).
 
 import importlib
 import importlib.metadata
+import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import tempfile
+
+import jax
+import optax
+import pytest
+
+# Tests marked `multi_device` need several devices; every other test runs on one
+# CPU device. The main pytest process has one; it runs each test module's
+# multi-device tests in one child pytest process with MULTI_DEVICE_COUNT
+# simulated CPU devices (`_DEVICES_ENV` set), which it kills (SIGKILL) if they
+# run past their budget: a stuck XLA:CPU collective fails in minutes instead of
+# holding the whole run (a thread blocked inside XLA ignores SIGINT and SIGTERM).
+MULTI_DEVICE_COUNT = 8
+_DEVICES_ENV = "SPARSEOPT_TEST_DEVICES"
+_REPORT_ENV = "SPARSEOPT_TEST_REPORT"
+# The child's budget per multi-device test, unless its marker gives another
+# (`multi_device(timeout=S)`); a collective stuck for 2 minutes aborts the child
+# with the call's name in its output before that.
+MULTI_DEVICE_TIMEOUT_S = 240
+IN_CHILD = int(os.environ.get(_DEVICES_ENV, "1")) > 1
 
 
 def _jaxlib_version() -> tuple[int, ...]:
@@ -18,24 +41,166 @@ def _jaxlib_version() -> tuple[int, ...]:
   return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
 
 
-# Several simulated CPU devices for the data-parallel tests; must be set before JAX starts.
-# The simulated devices share two cores, so a collective may wait on a starved peer for
-# longer than XLA's default 40 s before aborting the process: give it ten minutes.
-# An older jaxlib aborts on a flag it does not know, so each timeout is passed only
-# from a jaxlib known to have it (checked: 0.8.0 has the first two, not the third).
-_XLA_FLAGS = ["--xla_force_host_platform_device_count=8"]
-if _jaxlib_version() >= (0, 8, 0):
-  _XLA_FLAGS += [
-      "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
-      "--xla_cpu_collective_call_terminate_timeout_seconds=600",
-  ]
-if _jaxlib_version() >= (0, 10, 2):
-  _XLA_FLAGS.append("--xla_cpu_collective_timeout_seconds=600")
-os.environ.setdefault("XLA_FLAGS", " ".join(_XLA_FLAGS))
+def _multi_device_xla_flags(count: int) -> str:
+  """XLA flags of a child process: ``count`` CPU devices, stuck collectives abort.
 
-import jax  # noqa: E402  (after XLA_FLAGS)
-import optax  # noqa: E402
-import pytest  # noqa: E402
+  An older jaxlib aborts on a flag it does not know, so each timeout is passed
+  only from a jaxlib known to have it (checked: 0.8.0 has the first two, not the
+  third).
+  """
+  flags = [f"--xla_force_host_platform_device_count={count}"]
+  if _jaxlib_version() >= (0, 8, 0):
+    flags += [
+        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=30",
+        "--xla_cpu_collective_call_terminate_timeout_seconds=120",
+    ]
+  if _jaxlib_version() >= (0, 10, 2):
+    flags.append("--xla_cpu_collective_timeout_seconds=120")
+  return " ".join(flags)
+
+
+def pytest_collection_modifyitems(config, items):
+  """In the main process, a multi-device test's time limit covers its module's child."""
+  del config
+  if IN_CHILD:
+    return
+  per_module = {}
+  for item in items:
+    if item.get_closest_marker("multi_device"):
+      per_module[item.path] = per_module.get(item.path, 0) + _budget(item)
+  for item in items:
+    if item.get_closest_marker("multi_device"):
+      item.add_marker(pytest.mark.timeout(per_module[item.path] + 120))
+
+
+def _budget(item) -> int:
+  """Seconds a multi-device test may take in its child."""
+  marker = item.get_closest_marker("multi_device")
+  return marker.kwargs.get("timeout", MULTI_DEVICE_TIMEOUT_S)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+  """Runs a multi-device test as its module's child process reported it."""
+  if IN_CHILD or not pyfuncitem.get_closest_marker("multi_device"):
+    return None
+  results, how, output = _child_results(pyfuncitem)
+  result = results.get(pyfuncitem.nodeid)
+  if result is None:
+    pytest.fail(
+        f"the {MULTI_DEVICE_COUNT}-device child process {how} before this"
+        f" test reported; the end of its output:\n{output[-6000:]}",
+        pytrace=False,
+    )
+  if result["outcome"] == "skipped":
+    pytest.skip(result["message"])
+  if result["outcome"] == "failed":
+    pytest.fail(
+        f"in the {MULTI_DEVICE_COUNT}-device child process:\n"
+        + result["message"],
+        pytrace=False,
+    )
+  return True
+
+
+_CHILD_RUNS = {}
+
+
+def _child_results(item):
+  """Runs the selected multi-device tests of ``item``'s module in one child, once."""
+  if item.path not in _CHILD_RUNS:
+    group = [
+        i
+        for i in item.session.items
+        if i.path == item.path and i.get_closest_marker("multi_device")
+    ]
+    _CHILD_RUNS[item.path] = _run_child(
+        item.config,
+        [i.nodeid for i in group],
+        sum(map(_budget, group)),
+        max(map(_budget, group)),
+    )
+  return _CHILD_RUNS[item.path]
+
+
+def _run_child(config, nodeids, budget, per_test):
+  """``pytest nodeids`` on MULTI_DEVICE_COUNT devices, killed after ``budget`` s.
+
+  ``per_test``: the child's own limit of each test (pytest-timeout). Returns
+  (results by node id, how the child ended, its output).
+  """
+  fd, report = tempfile.mkstemp(
+      prefix="sparseopt-multi-device-", suffix=".jsonl"
+  )
+  os.close(fd)
+  env = dict(os.environ)
+  env.update({
+      "XLA_FLAGS": _multi_device_xla_flags(MULTI_DEVICE_COUNT),
+      _DEVICES_ENV: str(MULTI_DEVICE_COUNT),
+      _REPORT_ENV: report,
+  })
+  cmd = [
+      sys.executable,
+      "-m",
+      "pytest",
+      "-q",
+      "-p",
+      "no:cacheprovider",
+      "-o",
+      "addopts=",
+      "-o",
+      f"timeout={per_test}",
+      *nodeids,
+  ]
+  # A session of its own: a kill reaches whatever the tests started too.
+  proc = subprocess.Popen(
+      cmd,
+      cwd=config.rootpath,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      start_new_session=True,
+  )
+  try:
+    output, _ = proc.communicate(timeout=budget)
+    how = f"exited with status {proc.returncode}"
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    output, _ = proc.communicate()
+    how = f"was killed (SIGKILL) after its budget of {budget} s"
+  results = {}
+  with open(report) as f:
+    for line in f:
+      row = json.loads(line)
+      # A failed setup or teardown outranks a passed call.
+      if results.get(row["nodeid"], {}).get("outcome") != "failed":
+        results[row["nodeid"]] = row
+  os.remove(report)
+  return results, how, output
+
+
+def pytest_runtest_logreport(report):
+  """In a child, appends each test's outcome to the file its parent reads."""
+  path = os.environ.get(_REPORT_ENV)
+  if not IN_CHILD or not path:
+    return
+  if report.when != "call" and report.outcome == "passed":
+    return
+  if report.outcome == "skipped" and isinstance(report.longrepr, tuple):
+    message = report.longrepr[2]
+  else:
+    message = report.longreprtext
+  with open(path, "a") as f:
+    f.write(
+        json.dumps({
+            "nodeid": report.nodeid,
+            "outcome": report.outcome,
+            "message": message,
+        })
+        + "\n"
+    )
+
 
 # Many tests compile the same programs (a run and its resumed half, one arm per seed):
 # a session-wide persistent cache compiles each once.

@@ -13,6 +13,9 @@ BENCHMARKS = os.path.join(
 )
 
 
+# Slow (about 100 s): the ordinary step's lack of conditionals is also checked by
+# tests/test_schedule.py.
+@pytest.mark.slow
 def test_step_cost_smoke(tmp_path):
   results = _run_smoke(
       "step_cost", tmp_path, "--models", "resnet20", "--rounds", "2"
@@ -94,6 +97,9 @@ def _finite(x):
   return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+# Slow (about 40 s): the correction's +0.5 slope is also checked by
+# tests/test_train.py (the corrected skew metric) and tests/test_skew.py.
+@pytest.mark.slow
 def test_skew_benchmark_smoke(tmp_path):
   results = _run_smoke("skew", tmp_path)
   assert (
@@ -138,6 +144,10 @@ def test_skew_benchmark_smoke(tmp_path):
   )
 
 
+# Slow (about 80 s): multi-device agreement is also checked by
+# tests/test_train.py and tests/test_sharding.py.
+@pytest.mark.slow
+@pytest.mark.multi_device
 def test_scaling_benchmark_smoke(tmp_path):
   results = _run_smoke("scaling", tmp_path)
   rows = results["rows"]
@@ -172,6 +182,9 @@ def test_scaling_benchmark_smoke(tmp_path):
   )
 
 
+# Slow (about 190 s): its arms run through the training program, which
+# tests/test_train.py runs end to end.
+@pytest.mark.slow
 def test_convergence_smoke(tmp_path):
   convergence = _load_benchmark_script("convergence")
   result = convergence.main(["--smoke", "--out", str(tmp_path)])

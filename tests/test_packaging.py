@@ -7,7 +7,8 @@ bring Flax and the training program's stack); these tests pin that:
   module, and the Flax bridge names load Flax on first use only;
 * the core's source imports nothing beyond jax, optax, numpy and the standard
   library, and nothing in the library imports ``sparseopt_jax.training``;
-* the core tests import and collect with Flax unavailable;
+* the core tests import and collect with Flax unavailable, and the training
+  program's tests skip without its [train] extra;
 * (slow) the declared version floors pass the core tests
   (``scripts/check_floors.sh``).
 """
@@ -18,6 +19,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -202,26 +204,35 @@ def test_import_scan_sees_relative_and_nested_imports(tmp_path):
   ]
 
 
-# Runs pytest with every `flax` import failing, as where Flax is not installed.
-_WITHOUT_FLAX = """
+# The test files of the training program: they skip without the [train] extra.
+TRAINING_TESTS = ("test_input.py", "test_train.py", "test_workdir.py")
+
+# Runs pytest (argv[2:]) with every import of the comma-separated top-level
+# modules of argv[1] failing, as where they are not installed.
+_WITHOUT_MODULES = """
 import sys
 import pytest
 
-class NoFlax:
+BLOCKED = sys.argv[1].split(",")
+
+def blocked(name):
+  return name.split(".")[0] in BLOCKED
+
+class Block:
   def find_spec(self, name, path=None, target=None):
-    if name == "flax" or name.startswith("flax."):
+    if blocked(name):
       raise ModuleNotFoundError(f"No module named {name!r}", name=name)
     return None
 
-sys.meta_path.insert(0, NoFlax())
-for name in [m for m in sys.modules if m == "flax" or m.startswith("flax.")]:
+sys.meta_path.insert(0, Block())
+for name in [m for m in sys.modules if blocked(m)]:
   del sys.modules[name]
-sys.exit(pytest.main(sys.argv[1:]))
+sys.exit(pytest.main(sys.argv[2:]))
 """
 
 
-def test_core_tests_collect_without_flax():
-  """The core tests import and collect where Flax is not installed."""
+def _collect_without(modules, test_files):
+  """``pytest --collect-only`` of ``test_files`` with ``modules`` unavailable."""
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(
       [str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
@@ -229,18 +240,24 @@ def test_core_tests_collect_without_flax():
   args = [
       "--collect-only",
       "-q",
+      "-rs",
       "-p",
       "no:cacheprovider",
-      *(str(ROOT / "tests" / f) for f in CORE_TESTS),
+      *(str(ROOT / "tests" / f) for f in test_files),
   ]
-  out = subprocess.run(
-      [sys.executable, "-c", _WITHOUT_FLAX, *args],
+  return subprocess.run(
+      [sys.executable, "-c", _WITHOUT_MODULES, ",".join(modules), *args],
       cwd=ROOT,
       env=env,
       capture_output=True,
       text=True,
       timeout=240,
   )
+
+
+def test_core_tests_collect_without_flax():
+  """The core tests import and collect where Flax is not installed."""
+  out = _collect_without(["flax"], CORE_TESTS)
   text = out.stdout + out.stderr
   assert out.returncode == 0, text[-4000:]
   # Only the Flax attention block's module skips as a whole.
@@ -248,6 +265,19 @@ def test_core_tests_collect_without_flax():
   for name in CORE_TESTS:
     if name != "test_attention.py":
       assert any(i.startswith(f"tests/{name}::") for i in ids), name
+
+
+def test_training_tests_skip_without_the_train_extra():
+  """Without grain (of the [train] extra) the training tests skip, not error."""
+  out = _collect_without(["grain"], TRAINING_TESTS)
+  text = out.stdout + out.stderr
+  # 5: no test collected, which is what three skipped modules leave.
+  assert out.returncode == 5, text[-4000:]
+  assert "error" not in text.lower(), text[-4000:]
+  for name in TRAINING_TESTS:
+    assert re.search(
+        rf"SKIPPED \[1\] tests/{name}:\d+: could not import 'grain'", text
+    ), (name, text[-4000:])
 
 
 @pytest.mark.slow

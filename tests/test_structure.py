@@ -494,6 +494,7 @@ def test_drop_count_follows_the_schedule_split_over_rows(structure):
   assert int(np.sum(per_row == k // rows + 1)) == k % rows
 
 
+@pytest.mark.multi_device
 @pytest.mark.parametrize(
     "structure", ["fan_in", pytest.param("2:4", marks=pytest.mark.slow)]
 )

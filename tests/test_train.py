@@ -11,9 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import sparseopt_jax as so
-from sparseopt_jax.training import input as input_lib
-from sparseopt_jax.training import presets, train
+# The training program needs the [train] extra: skip without it (the TFDS test
+# skips on its own without tensorflow_datasets).
+for _module in ("flax", "grain", "orbax.checkpoint", "tqdm", "matplotlib"):
+  pytest.importorskip(_module)
+
+import sparseopt_jax as so  # noqa: E402
+from sparseopt_jax.training import input as input_lib  # noqa: E402
+from sparseopt_jax.training import presets, train  # noqa: E402
 
 TINY = dict(
     width=4,
@@ -94,7 +99,10 @@ def test_tiny_preset_trains_on_real_fashion_mnist(tmp_path):
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(skew="bn"),
+        # Slow (about 80 s), as the other arms: the bn correction is also run end to
+        # end by tests/test_skew.py and in the training program by the skew metric
+        # test below.
+        pytest.param(dict(skew="bn"), marks=pytest.mark.slow),
         pytest.param(dict(dense=True), marks=pytest.mark.slow),
         pytest.param(dict(topology="set", skew=None), marks=pytest.mark.slow),
     ],
@@ -105,7 +113,7 @@ def test_other_arms_run_end_to_end(tmp_path, overrides):
 
 
 def test_cifar100_tfds_path_under_mock_data(tmp_path):
-  import tensorflow_datasets as tfds
+  tfds = pytest.importorskip("tensorflow_datasets")
 
   cfg = presets.get_preset(
       "cifar100_resnet20",
@@ -126,16 +134,52 @@ def test_cifar100_tfds_path_under_mock_data(tmp_path):
   assert np.isfinite(row["test_loss"])
 
 
+# Per leaf, how far 8 devices may land from one device after 2 steps, as a fraction
+# of the leaf's own change over the 2 steps.
+REORDERED_SUM_TOLERANCE = 1e-3
+# How many of the mask entries a RigL update moves may come out otherwise on 8 devices.
+NEAR_TIE_FRACTION = 0.02
+
+
+def _leaf_max_abs(a, b):
+  return {
+      so.tree.path_str(p): float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+      for (p, x), y in zip(
+          jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
+      )
+  }
+
+
+def _entries_differing(a, b):
+  return sum(
+      int(np.sum(np.asarray(x) != np.asarray(y)))
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
+
+
+@pytest.mark.multi_device
 def test_eight_devices_match_one_device():
-  """rtol 1e-4 holds here because the model is tiny (width 4) and the run short (3
-  steps): float32 sums over a sharded batch differ in their last bits, and this ReLU
-  network amplifies such differences ~10-50x a step (benchmarks/scaling.py measures
-  it against a run started one ulp away; at full width step 1 already differs by
-  1e-4). The claim tested is sharding correctness, not bitwise equality."""
+  """8 devices train as one does: the same global batch's mean gradient and BatchNorm
+  statistics, only summed in another order.
+
+  Float32 sums in another order differ in their last bits; each step of this ReLU
+  network amplifies that, by an amount that depends on the CPU's reduction order
+  (benchmarks/scaling.py), and a mask update turns it into other choices among
+  near-tied weights, after which a param can differ by a whole weight. So:
+
+  * after 2 steps, before the first mask update, every param and BatchNorm
+    statistic is within REORDERED_SUM_TOLERANCE of its own change over those
+    steps (measured: 4e-5 for 8 devices, as for one device fed the same batches
+    in other orders; 9 with the gradient of one device's shard, no mean);
+  * the third step updates the masks, and at most NEAR_TIE_FRACTION of the
+    entries the update moved come out otherwise (measured: 0 of 740, 0 to 8
+    with reordered batches; 716 with one shard's gradient).
+  """
   assert jax.device_count() >= 8
   cfg = tiny(steps=10, update_every=2)
   info = input_lib.DatasetInfo("fashion_mnist", (28, 28, 1), 10, 4096, 10000)
   setup = train.make_setup(cfg, info, steps_per_epoch=4096 // 64)
+  assert [setup.is_mask_update(s) for s in range(3)] == [False, False, True]
   rng = np.random.default_rng(0)
   batches = [
       {
@@ -144,47 +188,61 @@ def test_eight_devices_match_one_device():
       }
       for _ in range(3)
   ]
-  finals = []
+  # On the host: each run's first step donates the copy it was given.
+  init = jax.device_get(train.create_train_state(setup, info.image_shape))
+  runs = {}
   for n in (1, 8):
     mesh = train.make_mesh(n)
     step, _, _ = train.jit_steps(setup, mesh)
     state = jax.device_put(
-        train.create_train_state(setup, info.image_shape),
-        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+        init, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     )
+    states = []
     for b in batches:
       state, _ = step(state, train.shard_batch(b, mesh))
-    finals.append(jax.device_get(state))
-  chex.assert_trees_all_close(
-      finals[0].params, finals[1].params, rtol=1e-4, atol=1e-5
-  )
-  chex.assert_trees_all_close(
-      finals[0].batch_stats, finals[1].batch_stats, rtol=1e-4, atol=1e-5
-  )
-  chex.assert_trees_all_equal(
-      so.get_masks(finals[0].opt_state), so.get_masks(finals[1].opt_state)
-  )
+      states.append(jax.device_get(jax.block_until_ready(state)))
+    runs[n] = states
+  one, eight = runs[1][1], runs[8][1]  # after 2 steps
+  for part in ("params", "batch_stats"):
+    change = _leaf_max_abs(getattr(one, part), getattr(init, part))
+    diff = _leaf_max_abs(getattr(one, part), getattr(eight, part))
+    assert all(change.values()), part
+    worst = max(diff, key=lambda k: diff[k] / change[k])
+    assert diff[worst] <= REORDERED_SUM_TOLERANCE * change[worst], (
+        part,
+        worst,
+        diff[worst],
+        change[worst],
+    )
+  masks = {n: so.get_masks(runs[n][2].opt_state) for n in (1, 8)}
+  moved = _entries_differing(masks[1], so.get_masks(init.opt_state))
+  assert moved > 100  # the update moved weights: the masks say something
+  assert _entries_differing(masks[1], masks[8]) <= NEAR_TIE_FRACTION * moved
 
 
-@pytest.mark.slow  # two runs on 2 and 8 simulated devices; tests/test_sharding.py covers the
-def test_model_parallel_run_matches_data_parallel(
-    tmp_path,
-):  # same layout in the default run
-  """Kernels' output axes sharded over a 'model' mesh axis, masks and moments with them."""
-  # Two steps, the second a mask update: this tiny ReLU net amplifies float32 rounding
-  # (the sharded convolutions sum in another order) ~50x a step, so only the first
-  # steps can be compared at rounding level (see benchmarks/scaling.py).
+@pytest.mark.multi_device(timeout=900)
+# Slow: runs on 2 and 8 simulated devices; tests/test_sharding.py covers the same
+# layout in the default run.
+@pytest.mark.slow
+def test_model_parallel_run_matches_data_parallel(tmp_path):
+  """Kernels' output axes sharded over a 'model' mesh axis, masks and moments with them.
+
+  The sharded convolutions sum in another order, so (as in
+  test_eight_devices_match_one_device) the params are compared after the first
+  step, before any mask update, and the masks after the second step's update.
+  """
   cfg = tiny(steps=4, update_every=1, eval_every=2, checkpoint_every=2)
-  finals = {}
+  init = train.create_train_state(*_setup_of(cfg))
+  first, finals = {}, {}
   # The same 'data' axis (2 devices) in both runs, so the batch statistics sum alike.
   for m in (1, 4):
-    state, _ = run(
-        dataclasses.replace(cfg, model_parallel=m),
-        tmp_path / f"m{m}",
-        num_devices=2 * m,
-        stop_at=2,
+    cfg_m = dataclasses.replace(cfg, model_parallel=m)
+    workdir = tmp_path / f"m{m}"
+    state, _ = run(cfg_m, workdir, num_devices=2 * m, stop_at=1)
+    first[m] = jax.device_get(state)
+    finals[m], _ = run(
+        cfg_m, workdir, num_devices=2 * m, stop_at=2, resume=True
     )
-    finals[m] = state
   kernel = finals[4].params["stage3_block0"]["conv1"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(
       None, None, None, "model"
@@ -192,22 +250,18 @@ def test_model_parallel_run_matches_data_parallel(
   assert so.get_masks(finals[4].opt_state)["stage3_block0"]["conv1"][
       "kernel"
   ].sharding.spec == (kernel.sharding.spec)
-  chex.assert_trees_all_equal(
-      so.get_masks(finals[1].opt_state), so.get_masks(finals[4].opt_state)
+  change = _leaf_max_abs(first[1].params, jax.device_get(init.params))
+  diff = _leaf_max_abs(first[1].params, first[4].params)
+  worst = max(diff, key=lambda k: diff[k] / max(change[k], 1e-30))
+  assert diff[worst] <= REORDERED_SUM_TOLERANCE * change[worst], (
+      worst,
+      diff[worst],
+      change[worst],
   )
-  assert not jax.tree.all(
-      jax.tree.map(
-          jnp.array_equal,
-          so.get_masks(finals[4].opt_state),
-          so.get_masks(train.create_train_state(*_setup_of(cfg)).opt_state),
-      )
-  )
-  chex.assert_trees_all_close(
-      jax.device_get(finals[1].params),
-      jax.device_get(finals[4].params),
-      rtol=1e-4,
-      atol=1e-5,
-  )
+  masks = {m: jax.device_get(so.get_masks(finals[m].opt_state)) for m in (1, 4)}
+  moved = _entries_differing(masks[1], so.get_masks(init.opt_state))
+  assert moved > 0
+  assert _entries_differing(masks[1], masks[4]) <= NEAR_TIE_FRACTION * moved
 
 
 def _setup_of(cfg):
@@ -254,6 +308,7 @@ def test_missing_or_corrupt_data_fails_before_training(tmp_path):
   assert not (tmp_path / "w2" / "checkpoints").exists()
 
 
+@pytest.mark.multi_device
 def test_batch_not_divisible_by_devices_fails_before_training(tmp_path):
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
     run(tiny(batch_size=60), tmp_path, num_devices=8)

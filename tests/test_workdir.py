@@ -9,7 +9,11 @@ import sys
 
 import pytest
 
-from sparseopt_jax.training import train
+# The training program needs the [train] extra: skip without it.
+for _module in ("flax", "grain", "orbax.checkpoint", "tqdm", "matplotlib"):
+  pytest.importorskip(_module)
+
+from sparseopt_jax.training import train  # noqa: E402
 
 # Static masks and a tiny model: what is tested here is the workdir, not the optimizer.
 FLAGS = [
@@ -108,18 +112,17 @@ def test_resume_on_an_empty_workdir_starts_fresh(tmp_path, capsys):
     "argv, message",
     [
         (["--data-dir", "/nonexistent", "--steps", "2"], "train-images"),
-        (
+        pytest.param(
             ["--batch-size", "60", "--steps", "2"],
             "not divisible by the 8 devices",
+            marks=pytest.mark.multi_device,
         ),
     ],
 )
 def test_user_errors_are_one_line_and_exit_status_2(
     tmp_path, capsys, argv, message
 ):
-  code = train.main(
-      ["--workdir", str(tmp_path / "w"), *argv]
-  )  # conftest: 8 CPU devices
+  code = train.main(["--workdir", str(tmp_path / "w"), *argv])
   err = capsys.readouterr().err.strip()
   assert code == 2 and len(err.splitlines()) == 1 and message in err, err
   assert err.startswith("sparseopt-train: error:")

@@ -539,11 +539,27 @@ def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
 # The loop
 
 
+def one_program_at_a_time(mesh: jax.sharding.Mesh) -> bool:
+  """Whether the loop waits for each program on ``mesh`` before the next.
+
+  XLA:CPU runs every device's part of a program, collectives included, on
+  thread pools of max(cores, devices) threads. Two programs in flight that no
+  data dependency orders (the eval steps over the test batches, which all read
+  the same state) can each hold threads in a collective while the peers they
+  wait for get none: a deadlock, nearly every time with 8 simulated devices on
+  2 cores. A chain of train steps, each reading the last one's state, does not
+  do this; on a CPU mesh of several devices the loop waits anyway.
+  """
+  return mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
+
+
 def evaluate(eval_step, state, dataset, batch_size, mesh) -> dict:
   totals = None
   for batch in dataset.eval_batches(batch_size // jax.process_count()):
     out = eval_step(state, shard_batch(batch, mesh))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    if one_program_at_a_time(mesh):
+      jax.block_until_ready(totals)
   totals = jax.device_get(totals)
   return {
       "test_loss": float(totals["loss"] / totals["count"]),
@@ -709,6 +725,8 @@ def _run_locked(
     batch = shard_batch(next(batches), mesh)
     train_step.compile(state, batch, update_variant=dynamic)
     state, metrics = train_step(state, batch, setup.is_mask_update(step - 1))
+    if one_program_at_a_time(mesh):
+      jax.block_until_ready(state)
     pending.append(metrics)
     seen_images += cfg.batch_size
     if (
