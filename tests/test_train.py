@@ -457,3 +457,27 @@ def test_vit_skew_modes_with_nothing_to_read_fail_before_training(
   assert train.main([*argv, "8", "--train-subset", "256", *flags]) == 2
   assert message in capsys.readouterr().err
   assert not (workdir / "config.json").exists()
+
+
+def test_a_loop_whose_flags_miss_the_schedule_stops_with_a_message(
+    tmp_path, monkeypatch
+):
+  """A host flag one step late: the state counts the missed updates, and the
+  program stops at the next evaluation rather than train without RigL."""
+  late = train.Setup.is_mask_update
+  monkeypatch.setattr(
+      train.Setup, "is_mask_update", lambda self, step: late(self, step - 1)
+  )
+  with pytest.raises(RuntimeError, match="out of step with the optimizer"):
+    run(tiny(steps=20, eval_every=10, checkpoint_every=10), tmp_path / "run")
+
+
+def test_schedule_check_names_both_counts():
+  train.check_schedule_kept(
+      {"missed_mask_updates": 0, "unremasked_mask_updates": 0}, 10
+  )
+  train.check_schedule_kept({"missed_mask_updates": None}, 10)  # no topology
+  with pytest.raises(RuntimeError, match="by step 30 the loop ran 2 due.*1"):
+    train.check_schedule_kept(
+        {"missed_mask_updates": 2, "unremasked_mask_updates": 1}, 30
+    )
