@@ -28,7 +28,7 @@ from sparseopt_jax.structure import row_multiplier
 
 
 def row_kmax(row_len: int, in_row: int, n_active: int, alpha: float) -> int:
-  """The static bound on one row's drop count (the size of its ``top_k``).
+  """The static bound on one row's drop count.
 
   A row of ``row_len`` weights with ``in_row`` active ones, in a leaf of
   ``n_active``, drops at most its inactive weights (``row_len - in_row``: a

@@ -71,9 +71,8 @@ def _row_kth(keys: jax.Array, candidates: jax.Array, k: jax.Array) -> jax.Array:
 
   A bisection over the key's 32 bits, highest first: t is the largest value
   with at least k candidates at or above it. 32 passes of a compare and a
-  row sum, whatever k: no sort and no ``top_k``, so the program stays a few
-  hundred HLO lines and runs as well on GPU and TPU as on the CPU. Rows with
-  fewer than k candidates get 0.
+  row sum, whatever k: no sort and no ``top_k`` (whose cost grows with k on
+  GPU and TPU). Rows with fewer than k candidates get 0.
   """
 
   def bit(i, t):

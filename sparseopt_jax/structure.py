@@ -23,7 +23,7 @@ sparsity of every structured leaf is exactly ``1 - N/M``.
 Both are handled through a *row view* of a leaf: a ``[rows, row_len]``
 rearrangement (one row per neuron for ``fan_in``, one per group for N:M) in
 which every row holds the same number of active weights, so that drop and grow
-are one ``lax.top_k`` per row.
+are one selection per row (:func:`~sparseopt_jax.selection.select_rows`).
 """
 
 from __future__ import annotations

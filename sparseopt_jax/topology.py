@@ -19,8 +19,9 @@ drop or growth and per-leaf counts stay exact.
 Structure (``structure="fan_in"`` or ``"N:M"``): the same rule inside every
 row of the leaf (a neuron, or a group of M consecutive inputs), so each row
 keeps its count exactly; the leaf's k is split evenly over its rows, the
-remainder going one weight each to rows picked by a seeded permutation. Per-row
-``lax.top_k`` on a [rows, row_len] view of the leaf.
+remainder going one weight each to rows picked by a seeded permutation. An
+unstructured leaf is the one-row case: every leaf goes through the same exact
+selection (:mod:`sparseopt_jax.selection`) on a [rows, row_len] view.
 
 Mask-update step: the surviving weights take their ordinary update; dropped
 weights are zeroed; grown weights start at 0.0 with zero optimizer moments and
