@@ -17,6 +17,7 @@ import sys
 import tempfile
 
 import jax
+import numpy as np
 import optax
 import pytest
 
@@ -270,3 +271,23 @@ def make_train_step(model, tx, sparse=True):
     return params, batch_stats, opt_state, loss, grads
 
   return step
+
+
+def leaf_max_abs(a, b) -> dict:
+  """Per leaf path of ``a``, the largest absolute difference from ``b``."""
+  import sparseopt_jax as so
+
+  return {
+      so.tree.path_str(p): float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+      for (p, x), y in zip(
+          jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
+      )
+  }
+
+
+def entries_differing(a, b) -> int:
+  """How many entries of two trees of the same shape differ."""
+  return sum(
+      int(np.sum(np.asarray(x) != np.asarray(y)))
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )

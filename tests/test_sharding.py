@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import linen_nets
+from conftest import entries_differing, leaf_max_abs, linen_nets
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -96,22 +96,6 @@ def _train(step, params, stats, opt_state, batch):
       before_update = jax.device_get(params)
     params, stats, opt_state = step(params, stats, opt_state, batch, flag)
   return params, opt_state, before_update
-
-
-def _leaf_max_abs(a, b):
-  return {
-      so.tree.path_str(p): float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-      for (p, x), y in zip(
-          jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
-      )
-  }
-
-
-def _entries_differing(a, b):
-  return sum(
-      int(np.sum(np.asarray(x) != np.asarray(y)))
-      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-  )
 
 
 def test_tree_map_params_derives_state_shardings_of_a_sparseopt_chain():
@@ -205,18 +189,18 @@ def test_sharded_rigl_matches_the_unsharded_run():
   )
 
   assert out_params["Conv_1"]["kernel"].sharding == param_sh["Conv_1"]["kernel"]
-  change = _leaf_max_abs(ref_before, so.apply_masks(params, tx.init(params)))
-  diff = _leaf_max_abs(ref_before, out_before)
+  change = leaf_max_abs(ref_before, so.apply_masks(params, tx.init(params)))
+  diff = leaf_max_abs(ref_before, out_before)
   worst = max(diff, key=lambda k: diff[k] / max(change[k], 1e-30))
   assert diff[worst] <= REORDERED_SUM_TOLERANCE * change[worst], (
       worst,
       diff[worst],
       change[worst],
   )
-  moved = _entries_differing(
+  moved = entries_differing(
       so.get_masks(ref_state), so.get_masks(tx.init(params))
   )
-  differing = _entries_differing(
+  differing = entries_differing(
       so.get_masks(out_state), so.get_masks(ref_state)
   )
   assert moved > 100  # the updates moved weights: the masks say something

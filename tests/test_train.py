@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import entries_differing, leaf_max_abs
 
 # The training program needs the [train] extra: skip without it (the TFDS test
 # skips on its own without tensorflow_datasets).
@@ -141,22 +142,6 @@ REORDERED_SUM_TOLERANCE = 1e-3
 NEAR_TIE_FRACTION = 0.02
 
 
-def _leaf_max_abs(a, b):
-  return {
-      so.tree.path_str(p): float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-      for (p, x), y in zip(
-          jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
-      )
-  }
-
-
-def _entries_differing(a, b):
-  return sum(
-      int(np.sum(np.asarray(x) != np.asarray(y)))
-      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-  )
-
-
 @pytest.mark.multi_device
 def test_eight_devices_match_one_device():
   """8 devices train as one does: the same global batch's mean gradient and BatchNorm
@@ -204,8 +189,8 @@ def test_eight_devices_match_one_device():
     runs[n] = states
   one, eight = runs[1][1], runs[8][1]  # after 2 steps
   for part in ("params", "batch_stats"):
-    change = _leaf_max_abs(getattr(one, part), getattr(init, part))
-    diff = _leaf_max_abs(getattr(one, part), getattr(eight, part))
+    change = leaf_max_abs(getattr(one, part), getattr(init, part))
+    diff = leaf_max_abs(getattr(one, part), getattr(eight, part))
     assert all(change.values()), part
     worst = max(diff, key=lambda k: diff[k] / change[k])
     assert diff[worst] <= REORDERED_SUM_TOLERANCE * change[worst], (
@@ -215,9 +200,9 @@ def test_eight_devices_match_one_device():
         change[worst],
     )
   masks = {n: so.get_masks(runs[n][2].opt_state) for n in (1, 8)}
-  moved = _entries_differing(masks[1], so.get_masks(init.opt_state))
+  moved = entries_differing(masks[1], so.get_masks(init.opt_state))
   assert moved > 100  # the update moved weights: the masks say something
-  assert _entries_differing(masks[1], masks[8]) <= NEAR_TIE_FRACTION * moved
+  assert entries_differing(masks[1], masks[8]) <= NEAR_TIE_FRACTION * moved
 
 
 @pytest.mark.multi_device(timeout=900)
@@ -250,8 +235,8 @@ def test_model_parallel_run_matches_data_parallel(tmp_path):
   assert so.get_masks(finals[4].opt_state)["stage3_block0"]["conv1"][
       "kernel"
   ].sharding.spec == (kernel.sharding.spec)
-  change = _leaf_max_abs(first[1].params, jax.device_get(init.params))
-  diff = _leaf_max_abs(first[1].params, first[4].params)
+  change = leaf_max_abs(first[1].params, jax.device_get(init.params))
+  diff = leaf_max_abs(first[1].params, first[4].params)
   worst = max(diff, key=lambda k: diff[k] / max(change[k], 1e-30))
   assert diff[worst] <= REORDERED_SUM_TOLERANCE * change[worst], (
       worst,
@@ -259,9 +244,9 @@ def test_model_parallel_run_matches_data_parallel(tmp_path):
       change[worst],
   )
   masks = {m: jax.device_get(so.get_masks(finals[m].opt_state)) for m in (1, 4)}
-  moved = _entries_differing(masks[1], so.get_masks(init.opt_state))
+  moved = entries_differing(masks[1], so.get_masks(init.opt_state))
   assert moved > 0
-  assert _entries_differing(masks[1], masks[4]) <= NEAR_TIE_FRACTION * moved
+  assert entries_differing(masks[1], masks[4]) <= NEAR_TIE_FRACTION * moved
 
 
 def _setup_of(cfg):
