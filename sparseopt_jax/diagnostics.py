@@ -34,7 +34,7 @@ def _pruned_nonzero(params: Any, masks: Any) -> dict[str, tuple[int, int]]:
     if path not in by_path:
       raise ValueError(f"the masks have a leaf {path!r} that the params do not")
     x = by_path[path]
-    out[path] = (int(jnp.sum((x != 0) & ~m)), int(m.size - jnp.sum(m)))
+    out[path] = (int(np.sum((x != 0) & ~m)), int(m.size - np.sum(m)))
   return out
 
 
@@ -64,18 +64,20 @@ def sparsity_summary(
        "leaves": {path: {"size", "active", "sparsity", "density_min",
                          "density_median", "density_max"[, "pruned_nonzero"]}}}``
   """
-  masks = masking.get_masks(state)
+  # One read of the masks and params, then numpy: per-leaf eager jax ops
+  # would compile a program for every leaf shape, on every call.
+  masks = jax.device_get(masking.get_masks(state))
+  params = None if params is None else jax.device_get(params)
   drift = None if params is None else _pruned_nonzero(params, masks)
   leaves = {}
   total = active = 0
   spreads = []
   for path, m in _masks_by_path(masks).items():
-    d = np.asarray(
-        tree_lib.neuron_density(
-            m, tree_lib.neuron_axes(path, m.ndim, neuron_axis)
-        )
+    axes = tree_lib.neuron_axes(path, m.ndim, neuron_axis)
+    d = np.mean(
+        m, axis=tree_lib.reduce_axes(m.ndim, axes), dtype=np.float32
     ).reshape(-1)
-    n_active = int(jnp.sum(m))
+    n_active = int(np.sum(m))
     leaves[path] = {
         "size": int(m.size),
         "active": n_active,
@@ -111,7 +113,7 @@ def sparsity_summary(
         tree_lib.path_str(p): x
         for p, x in jax.tree_util.tree_leaves_with_path(params)
     }
-    zeros = sum(int(jnp.sum(by_path[path] == 0)) for path in leaves)
+    zeros = sum(int(np.sum(by_path[path] == 0)) for path in leaves)
     params_sparsity = zeros / max(total, 1)
   return {
       "sparsity": 1.0 - active / max(total, 1),
@@ -136,7 +138,9 @@ def check_sparsity(params: Any, masks_or_state: Any) -> None:
   and its count. Host-side (it reads the arrays); call it now and then, e.g.
   at each evaluation.
   """
-  drift = _pruned_nonzero(params, masking.resolve_masks(masks_or_state))
+  drift = _pruned_nonzero(
+      *jax.device_get((params, masking.resolve_masks(masks_or_state)))
+  )
   bad = {path: v for path, v in drift.items() if v[0]}
   if bad:
     listed = ", ".join(

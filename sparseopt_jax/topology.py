@@ -158,10 +158,6 @@ def _pack(mask: Any, xp: Any = jnp) -> Any:
   return jnp.packbits(_gathered(mask).reshape(-1))
 
 
-def _unpack(bits: jax.Array, n: int) -> jax.Array:
-  return jnp.unpackbits(bits, count=n).astype(bool)
-
-
 def _all_finite(*trees: Any) -> jax.Array:
   return jnp.all(
       jnp.stack(
@@ -178,9 +174,10 @@ def exploration_counts(state: TopologyState) -> tuple[int, int]:
   """(weights ever active, sparse weights in all) over the sparse leaves."""
   ever = total = 0
   for m, bits in zip(
-      jax.tree.leaves(state.masks), jax.tree.leaves(state.ever_active)
+      jax.tree.leaves(state.masks),
+      jax.device_get(jax.tree.leaves(state.ever_active)),
   ):
-    ever += int(jnp.sum(_unpack(bits, m.size)))
+    ever += int(np.sum(np.unpackbits(bits, count=m.size)))
     total += m.size
   return ever, total
 
