@@ -168,6 +168,27 @@ def test_fashion_mnist_eval_covers_test_set_once(fmnist, fmnist_reference):
 
 
 @needs_fmnist
+def test_test_subset_evaluates_the_first_examples_on_every_process(
+    fmnist_reference,
+):
+  labels = []
+  for index in range(2):
+    ds = input_lib.load(
+        "fashion_mnist", test_subset=130, process_index=index, process_count=2
+    )
+    assert ds.info.num_test == 130 and ds.num_eval_batches(32) == 3
+    batches = list(ds.eval_batches(32))
+    mask = np.concatenate([b["mask"] for b in batches]).astype(bool)
+    labels.append(np.concatenate([b["label"] for b in batches])[mask])
+  np.testing.assert_array_equal(
+      np.concatenate(labels), fmnist_reference["test_labels"][:130]
+  )
+  for bad in (0, 10_001, True):
+    with pytest.raises(ValueError, match="test_subset"):
+      input_lib.load("fashion_mnist", test_subset=bad)
+
+
+@needs_fmnist
 def test_train_batches_are_crops_and_flips_of_a_permutation(
     fmnist, fmnist_reference
 ):

@@ -26,6 +26,7 @@ TINY = dict(
     steps=40,
     batch_size=64,
     train_subset=4096,
+    test_subset=1000,
     eval_every=20,
     checkpoint_every=20,
     update_every=10,

@@ -23,6 +23,7 @@ class TrainConfig:
   )
   data_dir: str | None = None
   train_subset: int | None = None  # first N training examples only
+  test_subset: int | None = None  # evaluate on the first N test examples only
   batch_size: int = 128  # global, over all devices and processes
   epochs: float = 1.0
   steps: int | None = None  # overrides epochs

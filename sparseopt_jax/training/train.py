@@ -620,7 +620,10 @@ def _run_locked(
 ) -> tuple[TrainState, dict]:
   # The data first: missing or corrupt files fail before anything is written.
   dataset = input_lib.load(
-      cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset
+      cfg.dataset,
+      data_dir=cfg.data_dir,
+      train_subset=cfg.train_subset,
+      test_subset=cfg.test_subset,
   )
   ckpt = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"),
@@ -781,6 +784,7 @@ FLAG_HELP = {
         "where the data lives (IDX files for fashion_mnist, a TFDS data_dir)"
     ),
     "train_subset": "train on the first N training examples only",
+    "test_subset": "evaluate on the first N test examples only",
     "batch_size": "global batch, over all devices and processes",
     "epochs": "training length in epochs (unless --steps)",
     "steps": "training length in steps (overrides --epochs)",

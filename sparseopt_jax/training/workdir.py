@@ -30,6 +30,7 @@ SAFE_ON_RESUME = (
     "checkpoint_every",
     "log_every",
     "data_dir",
+    "test_subset",
 )
 
 CONFIG, METRICS, LOCK = "config.json", "metrics.jsonl", ".lock"

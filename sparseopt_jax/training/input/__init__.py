@@ -96,6 +96,8 @@ Multi-process sharding
 
 from __future__ import annotations
 
+import dataclasses
+
 import grain
 
 from sparseopt_jax.training.input import idx, tfds_sources, transforms
@@ -141,6 +143,7 @@ def load(
     *,
     data_dir: str | None = None,
     train_subset: int | None = None,
+    test_subset: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Dataset:
@@ -151,6 +154,8 @@ def load(
     data_dir: for ``fashion_mnist`` the directory holding the IDX files; for the
       TFDS datasets the TFDS data directory.
     train_subset: use only the first ``train_subset`` training examples.
+    test_subset: evaluate on the first ``test_subset`` test examples only
+      (a quick estimate; the default is the whole test split).
     process_index, process_count: default to ``jax.process_index()`` /
       ``jax.process_count()``.
 
@@ -162,16 +167,30 @@ def load(
     raise ValueError(
         f"unknown dataset {name!r}; known datasets: {', '.join(KNOWN_DATASETS)}"
     )
-  if train_subset is not None:
-    if (
-        isinstance(train_subset, bool)
-        or int(train_subset) != train_subset
-        or train_subset < 1
-    ):
+  train_subset = _check_subset("train_subset", train_subset)
+  test_subset = _check_subset("test_subset", test_subset)
+  dataset = _load(name, data_dir, train_subset, process_index, process_count)
+  if test_subset is not None:
+    if test_subset > dataset.info.num_test:
       raise ValueError(
-          f"train_subset must be a positive integer, got {train_subset!r}"
+          f"test_subset={test_subset} exceeds the {dataset.info.num_test}"
+          f" test examples of {name}"
       )
-    train_subset = int(train_subset)
+    # The evaluation shards [0, num_test) over the processes: the first
+    # test_subset examples, whatever the source.
+    dataset.info = dataclasses.replace(dataset.info, num_test=test_subset)
+  return dataset
+
+
+def _check_subset(what: str, value: int | None) -> int | None:
+  if value is None:
+    return None
+  if isinstance(value, bool) or int(value) != value or value < 1:
+    raise ValueError(f"{what} must be a positive integer, got {value!r}")
+  return int(value)
+
+
+def _load(name, data_dir, train_subset, process_index, process_count):
   shard = _shard(process_index, process_count)
   if name != "fashion_mnist":
     return tfds_sources.load(
