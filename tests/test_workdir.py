@@ -21,6 +21,8 @@ FLAGS = [
     "4",
     "--train-subset",
     "2048",
+    "--test-subset",
+    "500",
     "--batch-size",
     "64",
     "--topology",
