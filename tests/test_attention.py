@@ -34,7 +34,7 @@ class Block(nn.Module):
 def _setup():
   tokens = jax.random.randint(jax.random.PRNGKey(1), (8, LENGTH), 0, VOCAB)
   labels = jax.random.randint(jax.random.PRNGKey(2), (8,), 0, VOCAB)
-  params = Block().init(jax.random.PRNGKey(0), tokens)["params"]
+  params = jax.jit(Block().init)(jax.random.PRNGKey(0), tokens)["params"]
   return params, tokens, labels
 
 
@@ -91,5 +91,5 @@ def test_default_selects_kernels_only_and_attention_neurons_are_head_dim_pairs()
     params, state = step(params, state)
   so.check_sparsity(params, state)
   assert [int(m.sum()) for m in jax.tree.leaves(so.get_masks(state))] == counts
-  slopes = so.skew_slope(jax.grad(loss_fn)(params), state)
+  slopes = so.skew_slope(jax.jit(jax.grad(loss_fn))(params), state)
   assert set(slopes) == sparse
