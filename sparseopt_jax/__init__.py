@@ -53,7 +53,16 @@ _LAZY = {
 
 def __getattr__(name):
   if name in _LAZY:
-    return getattr(importlib.import_module(_LAZY[name]), name)
+    try:
+      module = importlib.import_module(_LAZY[name])
+    except ModuleNotFoundError as e:
+      if (e.name or "").split(".")[0] != "flax":
+        raise
+      raise ModuleNotFoundError(
+          f"sparseopt_jax.{name} needs Flax: pip install 'sparseopt-jax[flax]'",
+          name=e.name,
+      ) from e
+    return getattr(module, name)
   raise AttributeError(f"module 'sparseopt_jax' has no attribute {name!r}")
 
 

@@ -319,6 +319,7 @@ def test_bn_pairs_resnet20_paths():
 
 def test_get_model():
   assert set(MODELS) == {
+      "resnet8",
       "resnet20",
       "resnet32",
       "resnet56",
@@ -341,6 +342,7 @@ def test_get_model():
       and m.block_cls is BottleneckBlock
   )
   assert tuple(get_model("resnet56").stage_sizes) == (9, 9, 9)
+  assert tuple(get_model("ResNet-8").stage_sizes) == (1, 1, 1)
   with pytest.raises(ValueError, match="resnet_999") as exc:
     get_model("resnet_999")
   assert "resnet20" in str(exc.value)

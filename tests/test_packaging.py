@@ -339,3 +339,54 @@ def test_declared_floors_pass_the_core_tests():
       timeout=3600,
   )
   assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+
+
+_BLOCK = """
+import sys
+
+class Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] == sys.argv[1]:
+      raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Block())
+"""
+
+
+@pytest.mark.parametrize(
+    "module, code, message",
+    [
+        (
+            "flax",
+            "import sparseopt_jax as so; so.SparseOptimizer",
+            (
+                "sparseopt_jax.SparseOptimizer needs Flax: pip install"
+                " 'sparseopt-jax[flax]'"
+            ),
+        ),
+        (
+            "grain",
+            "from sparseopt_jax.training import main; sys.exit(main([]))",
+            (
+                "sparseopt-train: error: needs the [train] extra (grain is not"
+                " installed): pip install 'sparseopt-jax[train]'"
+            ),
+        ),
+    ],
+)
+def test_a_missing_extra_is_named_with_its_install_command(
+    module, code, message
+):
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", _BLOCK + code, module],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert out.returncode != 0 and message in out.stderr, out.stderr[-3000:]

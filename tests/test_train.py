@@ -21,7 +21,10 @@ import sparseopt_jax as so  # noqa: E402
 from sparseopt_jax.training import input as input_lib  # noqa: E402
 from sparseopt_jax.training import presets, train  # noqa: E402
 
+# ResNet-8 (one block a stage): the program's mechanics at a third of ResNet-20's
+# trace and compile time; the preset's own ResNet-20 where a test is about it.
 TINY = dict(
+    model="resnet8",
     width=4,
     steps=40,
     batch_size=64,
@@ -46,7 +49,7 @@ def run(cfg, workdir, **kwargs):
 
 
 def test_tiny_preset_trains_on_real_fashion_mnist(tmp_path):
-  cfg = tiny(eval_every=20)  # each evaluation reads the 10k test images
+  cfg = tiny(model="resnet20", eval_every=20)
   state, row = run(cfg, tmp_path / "run")
   rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [0, 20, 40]  # a point before training too
@@ -156,7 +159,7 @@ def test_eight_devices_match_one_device():
     with reordered batches; 716 with one shard's gradient).
   """
   assert jax.device_count() >= 8
-  cfg = tiny(steps=10, update_every=2)
+  cfg = tiny(model="resnet20", steps=10, update_every=2)  # as measured
   info = input_lib.DatasetInfo("fashion_mnist", (28, 28, 1), 10, 4096, 10000)
   setup = train.make_setup(cfg, info, steps_per_epoch=4096 // 64)
   assert [setup.is_mask_update(s) for s in range(3)] == [False, False, True]
@@ -294,15 +297,6 @@ def test_batch_not_divisible_by_devices_fails_before_training(tmp_path):
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
     run(tiny(batch_size=60), tmp_path, num_devices=8)
   assert not (tmp_path / "checkpoints").exists()
-
-
-def test_unknown_preset_or_bad_flag_is_a_clear_cli_error(tmp_path, capsys):
-  with pytest.raises(SystemExit):
-    train.main(["--preset", "mnist_mlp", "--workdir", str(tmp_path)])
-  assert "unknown preset 'mnist_mlp'" in capsys.readouterr().err
-  with pytest.raises(SystemExit):
-    train.main(["--workdir", str(tmp_path), "--sparsity", "1.2"])
-  assert "sparsity" in capsys.readouterr().err
 
 
 def test_the_corrected_skew_metric_measures_the_correction_that_ran():

@@ -2,10 +2,15 @@
 metrics rows, one process at a time, and user errors as one line with exit status 2.
 """
 
+import errno
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -13,10 +18,13 @@ import pytest
 for _module in ("flax", "grain", "orbax.checkpoint", "tqdm", "matplotlib"):
   pytest.importorskip(_module)
 
-from sparseopt_jax.training import train  # noqa: E402
+from sparseopt_jax.training import presets, train  # noqa: E402
+from sparseopt_jax.training import workdir as workdir_lib  # noqa: E402
 
 # Static masks and a tiny model: what is tested here is the workdir, not the optimizer.
 FLAGS = [
+    "--model",
+    "resnet8",
     "--width",
     "4",
     "--train-subset",
@@ -110,6 +118,21 @@ def test_resume_on_an_empty_workdir_starts_fresh(tmp_path, capsys):
   assert [r["step"] for r in _rows(w)] == [0, 2]
 
 
+def _status(argv) -> int:
+  """The exit status of ``sparseopt-train argv``: main's return value, or argparse's."""
+  try:
+    return train.main(argv)
+  except SystemExit as e:
+    return e.code
+
+
+def _one_line_error(capsys) -> str:
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1, err
+  assert err.startswith("sparseopt-train: error:"), err
+  return err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -119,15 +142,40 @@ def test_resume_on_an_empty_workdir_starts_fresh(tmp_path, capsys):
             "not divisible by the 8 devices",
             marks=pytest.mark.multi_device,
         ),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--steps", "x"], "invalid int value: 'x'"),
+        (["--preset", "mnist_mlp"], "unknown preset 'mnist_mlp'"),
+        (["--sparsity", "1.2"], "sparsity must be"),
+        (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["--model", "resnet21"], "unknown model 'resnet21'"),
+        (["--width", "0"], "width must be an integer >= 1"),
+        (["--train-subset", "0"], "train_subset must be an integer >= 1"),
+        (["--test-subset", "10001"], "test_subset=10001 exceeds the 10000"),
+        (
+            ["--model-parallel", "3"],
+            "--model-parallel 3 does not divide the 1 devices",
+        ),
+        (["--update-every", "1000"], "--update-every 1000 leaves no mask"),
+        (
+            ["--preset", "fashion_mnist_vit", "--steps", "30"],
+            "the warm-up, 93 steps",
+        ),
+        (
+            [
+                *("--structure", "2:4", "--sparsity", "0.5"),
+                *("--distribution", "uniform"),
+            ],
+            "--dense-stem keeps conv_init/kernel dense",
+        ),
     ],
 )
-def test_user_errors_are_one_line_and_exit_status_2(
+def test_user_errors_are_one_line_exit_status_2_and_write_nothing(
     tmp_path, capsys, argv, message
 ):
-  code = train.main(["--workdir", str(tmp_path / "w"), *argv])
-  err = capsys.readouterr().err.strip()
-  assert code == 2 and len(err.splitlines()) == 1 and message in err, err
-  assert err.startswith("sparseopt-train: error:")
+  w = tmp_path / "w"
+  assert _status(["--workdir", str(w), *argv]) == 2
+  assert message in _one_line_error(capsys)
+  assert not w.exists()
 
 
 def test_help_describes_every_flag_with_its_default(capsys):
@@ -196,3 +244,149 @@ def test_plot_refuses_bad_labels_and_metrics_and_names_the_file(
   assert train.main(["plot", str(run), "--out", str(tmp_path / "noext")]) == 0
   assert capsys.readouterr().out.strip() == str(tmp_path / "noext.png")
   assert (tmp_path / "noext.png").exists()
+
+
+def test_a_corrupt_stored_config_is_named_on_resume(tmp_path, capsys):
+  w = tmp_path / "run"
+  w.mkdir()
+  (w / "config.json").write_text('{"dataset": "fashion_mnist", "wid')
+  assert _status(["--workdir", str(w), "--resume"]) == 2
+  err = _one_line_error(capsys)
+  assert f"cannot read the run's config {w / 'config.json'}" in err
+  (w / "config.json").write_text(json.dumps({"sparsity": 2.0}))
+  assert _status(["--workdir", str(w), "--resume"]) == 2
+  err = _one_line_error(capsys)
+  assert f"{w / 'config.json'} holds an invalid config" in err, err
+  (w / "config.json").write_text(json.dumps({"learning_rte": 0.1}))
+  assert _status(["--workdir", str(w), "--resume"]) == 2
+  assert "unknown fields ['learning_rte']" in _one_line_error(capsys)
+
+
+def test_an_unwritable_workdir_is_one_line_and_loses_nothing(
+    tmp_path, capsys, monkeypatch
+):
+  w = str(tmp_path / "run")
+  os.makedirs(w)
+  cfg = presets.get_preset(
+      "fashion_mnist_resnet20", model="resnet8", width=4, train_subset=256
+  )
+  workdir_lib.write_config(w, cfg)
+  with open(os.path.join(w, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"step": 0, "test_accuracy": 0.1}) + "\n")
+  before = {p: open(os.path.join(w, p), "rb").read() for p in os.listdir(w)}
+  real_open = os.open
+
+  def read_only(path, flags, *args, **kwargs):
+    if str(path).startswith(w) and flags & (os.O_WRONLY | os.O_RDWR):
+      raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+    return real_open(path, flags, *args, **kwargs)
+
+  monkeypatch.setattr(os, "open", read_only)
+  new_run = ["--model", "resnet8", "--width", "4", "--train-subset", "256"]
+  for argv in (new_run, ["--resume"]):
+    assert _status(["--workdir", w, *argv]) == 2
+    err = _one_line_error(capsys)
+    assert f"cannot write in the workdir {w!r}: Read-only file system" in err
+  monkeypatch.undo()
+  assert {
+      p: open(os.path.join(w, p), "rb").read() for p in os.listdir(w)
+  } == before
+  # A plot that cannot be written names the file.
+  blocker = tmp_path / "a-file"
+  blocker.write_text("")
+  out = str(blocker / "plot.png")
+  assert _status(["plot", w, "--out", out]) == 2
+  assert f"cannot write the plot {out}" in _one_line_error(capsys)
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume_and_in_plots(
+    tmp_path, capsys
+):
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"step": s, "test_accuracy": 0.1 * s} for s in (0, 2)]
+  whole = "".join(json.dumps(r) + "\n" for r in rows)
+  path.write_text(whole + '{"step": 4, "test_acc')  # killed mid-append
+  png = str(tmp_path / "p.png")
+  assert _status(["plot", str(tmp_path), "--out", png]) == 0
+  notes = []
+  log = workdir_lib.MetricsLog(str(tmp_path), 2, log=notes.append)
+  assert log.rows == rows and path.read_text() == whole
+  assert notes == [
+      f"{path}: dropped its last line, cut short (an append that was"
+      " interrupted)"
+  ]
+  # Any other line that is not JSON is named, not skipped.
+  path.write_text(
+      json.dumps(rows[0]) + "\ngarbage\n" + json.dumps(rows[1]) + "\n"
+  )
+  capsys.readouterr()
+  assert _status(["plot", str(tmp_path), "--out", png]) == 2
+  assert f"{path}, line 2, is not JSON" in _one_line_error(capsys)
+  with pytest.raises(workdir_lib.UserError, match="line 2, is not JSON"):
+    workdir_lib.MetricsLog(str(tmp_path), 2)
+
+
+def test_undefined_metrics_are_json_null(tmp_path):
+  log = workdir_lib.MetricsLog(str(tmp_path), 0)
+  log.append({"step": 1, "skew_slope_raw": float("nan"), "x": float("inf")})
+  line = open(tmp_path / "metrics.jsonl").read()
+  assert json.loads(line, parse_constant=lambda c: pytest.fail(c)) == {
+      "step": 1,
+      "skew_slope_raw": None,
+      "x": None,
+  }
+
+
+def test_compare_script_keeps_earlier_results(tmp_path):
+  runs = tmp_path / "runs"
+  (runs / "baseline").mkdir(parents=True)
+  (runs / "baseline" / "metrics.jsonl").write_text("{}\n")
+  (runs / "compare.png").write_text("png")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "RUNS_DIR": str(runs), "SPARSEOPT_TRAIN": "true"}
+  done = subprocess.run(
+      ["bash", os.path.join(root, "scripts", "compare.sh")],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=60,
+  )
+  assert done.returncode == 0, done.stderr
+  (kept,) = [p for p in runs.iterdir() if p.name.startswith("earlier-")]
+  assert (kept / "baseline" / "metrics.jsonl").read_text() == "{}\n"
+  assert (kept / "compare.png").read_text() == "png"
+  assert f"earlier results are now in {kept}" in done.stderr
+
+
+def test_sigterm_stops_at_the_next_step_with_a_checkpoint_and_resume_goes_on(
+    tmp_path, capsys
+):
+  w = str(tmp_path / "run")
+  metrics = os.path.join(w, "metrics.jsonl")
+
+  def preempt():  # a notice once the run has evaluated its first point
+    while not os.path.exists(metrics):
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  # Should the loop not take the signal, it is ignored here rather than end pytest.
+  ignore = lambda *_: None
+  previous = signal.signal(signal.SIGTERM, ignore)
+  try:
+    notice = threading.Thread(target=preempt, daemon=True)
+    notice.start()
+    assert _status(["--workdir", w, "--steps", "40", *FLAGS]) == 0
+    notice.join()
+    assert signal.getsignal(signal.SIGTERM) is ignore  # the loop's handler went
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  out = capsys.readouterr().out
+  (stopped,) = re.findall(r"stopped after step (\d+) with a checkpoint", out)
+  stopped = int(stopped)
+  assert 0 < stopped < 40
+  assert json.loads(out.strip().splitlines()[-1])["step"] <= stopped
+  saved = os.listdir(os.path.join(w, "checkpoints"))
+  assert max(int(d) for d in saved if d.isdigit()) == stopped
+  steps = ["--steps", str(stopped + 2)]
+  assert _status(["--workdir", w, "--resume", "--no-progress", *steps]) == 0
+  assert [r["step"] for r in _rows(w)][-1] == stopped + 2

@@ -3,7 +3,8 @@
 Architectures
 -------------
 * ``CifarResNet``: the CIFAR-10 ResNets of He et al., "Deep Residual Learning
-  for Image Recognition", CVPR 2016, Sec. 4.2 (ResNet-20/32/56, depth = 6n+2):
+  for Image Recognition", CVPR 2016, Sec. 4.2 (ResNet-20/32/56, depth = 6n+2;
+  ResNet-8, n = 1, for quick runs and the training program's tests):
   a 3x3 stem conv with 16 filters, three stages of ``n`` basic blocks with
   16/32/64 filters (stride 2 at the first block of stages 2 and 3), global
   average pooling and a dense classifier.  Shortcuts are identities except
@@ -44,6 +45,7 @@ __all__ = [
     "BottleneckBlock",
     "CifarResNet",
     "ResNet",
+    "ResNet8",
     "ResNet20",
     "ResNet32",
     "ResNet56",
@@ -426,6 +428,9 @@ class ViT(nn.Module):
 VIT_SPARSE_FILTER = r"^block\d+/(attn/(query|key|value|out)|mlp/fc[12])/kernel$"
 
 
+ResNet8 = functools.partial(
+    CifarResNet, stage_sizes=(1, 1, 1), block_cls=BasicBlock
+)
 ResNet20 = functools.partial(
     CifarResNet, stage_sizes=(3, 3, 3), block_cls=BasicBlock
 )
@@ -443,6 +448,7 @@ ResNet50 = functools.partial(
 )
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet8": ResNet8,
     "resnet20": ResNet20,
     "resnet32": ResNet32,
     "resnet56": ResNet56,

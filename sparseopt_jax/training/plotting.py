@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
+
+from sparseopt_jax.training import workdir as workdir_lib
 
 
 class PlotError(ValueError):
@@ -17,15 +18,14 @@ def read_metrics(run_dir: str) -> list[dict]:
     raise PlotError(
         f"{path} does not exist: is {run_dir!r} a training workdir?"
     )
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  # A torn last line (a run killed mid-append) is left out, as a resume drops it.
+  return workdir_lib.read_rows(path)[0]
 
 
 def _config(run_dir: str) -> dict | None:
   try:
-    with open(os.path.join(run_dir, "config.json")) as f:
-      return json.load(f)
-  except FileNotFoundError:
+    return workdir_lib.stored_config(run_dir)
+  except workdir_lib.UserError:  # only labels and the title come from it
     return None
 
 
@@ -93,7 +93,7 @@ def plot_runs(
 
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
   for i, (run_dir, rows) in enumerate(zip(run_dirs, all_rows)):
-    rows = [r for r in rows if metric in r]
+    rows = [r for r in rows if r.get(metric) is not None]  # null: undefined
     line, marker = STYLES[i % len(STYLES)]
     ax.plot(
         [r["step"] for r in rows],
@@ -110,7 +110,11 @@ def plot_runs(
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=120)
-  plt.close(fig)
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=120)
+  except OSError as e:
+    raise PlotError(f"cannot write the plot {out}: {e.strerror or e}") from None
+  finally:
+    plt.close(fig)
   return out

@@ -10,6 +10,8 @@ from sparseopt_jax.checks import check_choice, check_fraction, check_int
 from sparseopt_jax.composite import GROW_WITH
 from sparseopt_jax.skew import SKEW_MODES
 from sparseopt_jax.topology import TOPOLOGIES
+from sparseopt_jax.training import models
+from sparseopt_jax.training.input import KNOWN_DATASETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,14 @@ class TrainConfig:
   log_every: int = 10
 
   def __post_init__(self):
+    check_choice("dataset", self.dataset, KNOWN_DATASETS)
+    if models.model_key(self.model) not in models.MODELS:
+      raise ValueError(
+          f"unknown model {self.model!r}; known models: {sorted(models.MODELS)}"
+      )
+    for name in ("width", "train_subset", "test_subset"):
+      if getattr(self, name) is not None:
+        check_int(name, getattr(self, name), 1)
     budgets.check_sparsity(self.sparsity)
     budgets.check_distribution(self.distribution)
     check_choice("topology", self.topology, TOPOLOGIES)

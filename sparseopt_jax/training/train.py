@@ -21,7 +21,9 @@ import functools
 import itertools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -38,6 +41,7 @@ from sparseopt_jax.flax_support import linen as linen_bridge
 from sparseopt_jax.training import (
     checkpointing,
     models,
+    multihost,
     plotting,
     presets,
 )
@@ -100,15 +104,29 @@ def mask_schedule(
   """The one schedule of mask updates, shared by the optimizer and the loop."""
   if cfg.dense or cfg.topology == "static":
     return None
+  end_step = int(cfg.end_fraction * num_steps)
+  if end_step <= cfg.update_every:
+    raise workdir_lib.UserError(
+        f"--update-every {cfg.update_every} leaves no mask update: the last"
+        f" one comes before step {end_step} (--end-fraction"
+        f" {cfg.end_fraction} of {num_steps} steps); lower --update-every,"
+        " lengthen the run, or use --topology static"
+    )
   return so.mask_update_schedule(
       update_every=cfg.update_every,
-      end_step=int(cfg.end_fraction * num_steps),
+      end_step=end_step,
       drop_fraction=cfg.drop_fraction,
   )
 
 
 def lr_schedule(cfg: presets.TrainConfig, num_steps: int, steps_per_epoch: int):
   warmup = int(cfg.warmup_epochs * steps_per_epoch)
+  if warmup >= num_steps:
+    raise workdir_lib.UserError(
+        f"the warm-up, {warmup} steps (--warmup-epochs {cfg.warmup_epochs} of"
+        f" {steps_per_epoch} steps), is not shorter than the run's"
+        f" {num_steps} steps; lower --warmup-epochs or lengthen the run"
+    )
   if warmup:
     return optax.warmup_cosine_decay_schedule(
         0.0, cfg.learning_rate, warmup, num_steps
@@ -223,9 +241,13 @@ def create_train_state(
   )
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})  # {}: no BatchNorm (a ViT)
-  opt_state = setup.tx.init(
-      params
-  )  # masks drawn with numpy on the host: no compile
+  try:
+    opt_state = setup.tx.init(params)  # masks drawn on the host: no compile
+  except ValueError as e:
+    cfg = setup.config
+    if cfg.structure and not cfg.dense_stem and repr(STEM_KERNEL) in str(e):
+      raise ValueError(f"{e}; --dense-stem keeps {STEM_KERNEL} dense") from e
+    raise
   if not setup.config.dense:
     params = so.apply_masks(params, opt_state)
   return TrainState(
@@ -389,9 +411,17 @@ def make_mesh(
   """A ('data', 'model') mesh: the batch on 'data', kernels' output axes on 'model'."""
   devices = jax.devices()[:num_devices] if num_devices else jax.devices()
   if len(devices) % model_parallel:
-    raise ValueError(
-        f"model_parallel {model_parallel} does not divide the {len(devices)}"
-        " devices"
+    raise workdir_lib.UserError(
+        f"--model-parallel {model_parallel} does not divide the"
+        f" {len(devices)} devices"
+    )
+  if jax.process_count() > 1 and jax.local_device_count() % model_parallel:
+    # Each process feeds its own examples to the devices it holds: a model
+    # group spanning processes would be fed different data by each.
+    raise workdir_lib.UserError(
+        f"--model-parallel {model_parallel} would span processes, each of"
+        f" which holds {jax.local_device_count()} devices: the model axis must"
+        " stay within a process (a divisor of its device count)"
     )
   return jax.sharding.Mesh(
       np.asarray(devices).reshape(-1, model_parallel), ("data", "model")
@@ -585,16 +615,47 @@ def run(
   workdir at a time (``workdir/.lock``). A resumed run must have the stored
   config but for :data:`~sparseopt_jax.training.workdir.SAFE_ON_RESUME` fields.
 
+  Everything the config asks is checked before the workdir is touched: the
+  mesh, the data, the model, the optimizer and its schedules, the masks.
+
   Raises:
-    workdir.UserError: for a busy workdir, a conflicting config, checkpoints
-      without ``resume``, or a batch the devices cannot split.
+    workdir.UserError: for a config the model, data or devices cannot run, a
+      busy or unwritable workdir, a conflicting config, checkpoints without
+      ``resume``.
+    input.DataError: for missing or corrupt data.
   """
-  mesh = make_mesh(num_devices, cfg.model_parallel)
-  check_batch_size(cfg.batch_size, mesh)
+  # Every process decides alone what to run: check they decided the same.
+  multihost.check_same(
+      "config and workdir",
+      json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+      + os.path.abspath(workdir),
+  )
+  with user_errors():
+    mesh = make_mesh(num_devices, cfg.model_parallel)
+    check_batch_size(cfg.batch_size, mesh)
+    dataset = input_lib.load(
+        cfg.dataset,
+        data_dir=cfg.data_dir,
+        train_subset=cfg.train_subset,
+        test_subset=cfg.test_subset,
+    )
+    local_batch = cfg.batch_size // jax.process_count()
+    setup = make_setup(cfg, dataset.info, dataset.steps_per_epoch(local_batch))
+    state = create_train_state(setup, dataset.info.image_shape)
   is_main = jax.process_index() == 0
-  with workdir_lib.lock(workdir) if is_main else contextlib.nullcontext():
+  with contextlib.ExitStack() as held:
+    refused = ""
+    if is_main:  # one lock for the run, taken by process 0 for all
+      try:
+        held.enter_context(workdir_lib.lock(workdir))
+      except workdir_lib.UserError as e:
+        refused = str(e)
+    if refused := multihost.process_zeros(refused):
+      raise workdir_lib.UserError(refused)
     return _run_locked(
-        cfg,
+        setup,
+        dataset,
+        state,
         workdir,
         mesh,
         resume=resume,
@@ -606,8 +667,26 @@ def run(
     )
 
 
+@contextlib.contextmanager
+def user_errors():
+  """Turns the set-up's ValueErrors into UserErrors (one line, exit status 2).
+
+  The set-up is what the config asks of the library, the data and the devices;
+  their eager checks raise ValueError naming the bad value, so a ValueError
+  here is a config that cannot run, not a fault of the program.
+  """
+  try:
+    yield
+  except (workdir_lib.UserError, input_lib.DataError):
+    raise
+  except ValueError as e:
+    raise workdir_lib.UserError(str(e)) from e
+
+
 def _run_locked(
-    cfg,
+    setup,
+    dataset,
+    state,
     workdir,
     mesh,
     *,
@@ -618,13 +697,7 @@ def _run_locked(
     is_main,
     log,
 ) -> tuple[TrainState, dict]:
-  # The data first: missing or corrupt files fail before anything is written.
-  dataset = input_lib.load(
-      cfg.dataset,
-      data_dir=cfg.data_dir,
-      train_subset=cfg.train_subset,
-      test_subset=cfg.test_subset,
-  )
+  cfg = setup.config
   ckpt = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"),
       cfg.checkpoint_every,
@@ -643,20 +716,17 @@ def _run_locked(
     stored = workdir_lib.stored_config(workdir)
     if stored is not None:
       workdir_lib.check_resume_overrides(stored, dataclasses.asdict(cfg))
-  local_batch = cfg.batch_size // jax.process_count()
-  setup = make_setup(cfg, dataset.info, dataset.steps_per_epoch(local_batch))
   if latest is None and is_main:
     workdir_lib.write_config(
         workdir, cfg
     )  # a new run only: resume keeps the stored one
 
-  state = create_train_state(setup, dataset.info.image_shape)
   shardings = state_shardings(setup, mesh, state)
   state = jax.device_put(state, shardings)
   if latest is not None:
     state = ckpt.restore(state)
   start = int(state.step)
-  metrics_log = workdir_lib.MetricsLog(workdir, start, write=is_main)
+  metrics_log = workdir_lib.MetricsLog(workdir, start, write=is_main, log=log)
   if start >= setup.num_steps:
     log(
         f"the run in {workdir!r} is finished (step {start} of"
@@ -669,6 +739,7 @@ def _run_locked(
   dynamic = (
       not cfg.dense and cfg.topology != "static" and start < setup.end_step
   )
+  local_batch = cfg.batch_size // jax.process_count()
   batches = dataset.train_batches(local_batch, seed=cfg.seed, start_step=start)
   last_step = (
       setup.num_steps if stop_at is None else min(stop_at, setup.num_steps)
@@ -709,6 +780,7 @@ def _run_locked(
           },
       )
     metrics_log.append(row)
+    row = metrics_log.last  # as written: null for an undefined value
     if is_main:
       bar.write(
           " ".join(
@@ -724,46 +796,93 @@ def _run_locked(
     record(0, shard_batch(first, mesh), {})
   pending, row = [], metrics_log.last
   seen_images, t_mark = 0, time.time()
-  for step in range(start + 1, last_step + 1):
-    batch = shard_batch(next(batches), mesh)
-    train_step.compile(state, batch, update_variant=dynamic)
-    state, metrics = train_step(state, batch, setup.is_mask_update(step - 1))
-    if one_program_at_a_time(mesh):
-      jax.block_until_ready(state)
-    pending.append(metrics)
-    seen_images += cfg.batch_size
-    if (
-        step % cfg.log_every == 0
-        or step % cfg.eval_every == 0
-        or step == last_step
-    ):
-      train = {
-          k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-          for k in pending[0]
-      }
-      throughput = seen_images / (time.time() - t_mark)
-      bar.set_postfix(
-          loss=f"{train['loss']:.3f}",
-          acc=f"{train['accuracy']:.3f}",
-          img_s=f"{throughput:.0f}",
-      )
-      bar.update(step - bar.n)
-    if step % cfg.eval_every == 0 or step == setup.num_steps:
-      row = record(
-          step,
-          batch,
-          {
-              "train_loss": train["loss"],
-              "train_accuracy": train["accuracy"],
-              "images_per_s": throughput,
-          },
-      )
-    if step % cfg.log_every == 0:
-      pending, seen_images, t_mark = [], 0, time.time()
-    ckpt.save(step, state, force=step == last_step)
+  with Preemption() as preemption:
+    for step in range(start + 1, last_step + 1):
+      batch = shard_batch(next(batches), mesh)
+      train_step.compile(state, batch, update_variant=dynamic)
+      state, metrics = train_step(state, batch, setup.is_mask_update(step - 1))
+      if one_program_at_a_time(mesh):
+        jax.block_until_ready(state)
+      pending.append(metrics)
+      seen_images += cfg.batch_size
+      if (
+          step % cfg.log_every == 0
+          or step % cfg.eval_every == 0
+          or step == last_step
+      ):
+        train = {
+            k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+            for k in pending[0]
+        }
+        throughput = seen_images / (time.time() - t_mark)
+        bar.set_postfix(
+            loss=f"{train['loss']:.3f}",
+            acc=f"{train['accuracy']:.3f}",
+            img_s=f"{throughput:.0f}",
+        )
+        bar.update(step - bar.n)
+      if step % cfg.eval_every == 0 or step == setup.num_steps:
+        row = record(
+            step,
+            batch,
+            {
+                "train_loss": train["loss"],
+                "train_accuracy": train["accuracy"],
+                "images_per_s": throughput,
+            },
+        )
+      if step % cfg.log_every == 0:
+        pending, seen_images, t_mark = [], 0, time.time()
+      stop = preemption.reached(step)
+      ckpt.save(step, state, force=step == last_step or stop)
+      if stop:
+        log(
+            f"preempted (SIGTERM): stopped after step {step} with a checkpoint;"
+            " --resume continues the run"
+        )
+        break
   bar.close()
   ckpt.close()
   return state, row
+
+
+class Preemption:
+  """Whether the loop stops for a preemption notice (SIGTERM) after this step.
+
+  Several processes: JAX's preemption service takes the signal and agrees on
+  the step at which all of them stop (``reached_preemption_sync_point``, asked
+  after every step). One process: a SIGTERM handler, held while the loop runs,
+  marks the notice for the next step. Either way the loop writes a checkpoint
+  there and returns. A context manager: the handler goes when the loop ends.
+  """
+
+  def __init__(self):
+    self._noticed = False
+    self._previous = None
+    # JAX's own notifier holds SIGTERM when processes must agree; a handler in
+    # the main thread only, where Python delivers signals.
+    if (
+        jax.process_count() == 1
+        and threading.current_thread() is threading.main_thread()
+    ):
+      self._previous = signal.signal(signal.SIGTERM, self._notice)
+
+  def _notice(self, signum, frame) -> None:
+    del signum, frame
+    self._noticed = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._noticed
+
+  def __enter__(self) -> Preemption:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 # ---------------------------------------------------------------------------
@@ -776,7 +895,7 @@ FLAG_HELP = {
         "fashion_mnist (offline), cifar10, cifar100 or imagenet2012 (TFDS)"
     ),
     "model": (
-        "resnet20/32/56 (CIFAR), resnet18/50 (ImageNet), vit or vit_qknorm"
+        "resnet8/20/32/56 (CIFAR), resnet18/50 (ImageNet), vit or vit_qknorm"
         " (a ViT, pre-LN; with QK-norm)"
     ),
     "width": "channels of the first stage (the model's own if unset)",
@@ -880,8 +999,15 @@ def config_from_args(args: argparse.Namespace) -> presets.TrainConfig:
   return presets.get_preset(args.preset, **overrides_from_args(args))
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse, with errors on one line: the message and where help is, no usage block."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def train_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="sparseopt-train",
       description="Train a (sparse) ResNet with SparseOpt.",
       epilog=(
@@ -917,7 +1043,27 @@ def train_parser() -> argparse.ArgumentParser:
   parser.add_argument(
       "--distributed",
       action="store_true",
-      help="call jax.distributed.initialize() (multi-host)",
+      help=(
+          "one process of a multi-host run: jax.distributed.initialize()"
+          " detects the cluster (SLURM, a TPU pod slice)"
+      ),
+  )
+  parser.add_argument(
+      "--coordinator-address",
+      default=None,
+      help="HOST:PORT of process 0's coordinator (multi-host, no detection)",
+  )
+  parser.add_argument(
+      "--num-processes",
+      type=int,
+      default=None,
+      help="processes of the multi-host run",
+  )
+  parser.add_argument(
+      "--process-id",
+      type=int,
+      default=None,
+      help="this process's index in [0, --num-processes)",
   )
   parser.add_argument(
       "--no-progress", action="store_true", help="no progress bar"
@@ -927,7 +1073,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def plot_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="sparseopt-train plot",
       description="Plot runs' metrics against step into one PNG.",
   )
@@ -963,18 +1109,15 @@ def main(argv: list[str] | None = None) -> int:
       )
       return 0
     args = train_parser().parse_args(argv)
-    try:
+    with user_errors():
       cfg = (
           workdir_lib.config_for_resume(args.workdir, overrides_from_args(args))
           if args.resume
           else None
       ) or config_from_args(args)
-    except workdir_lib.UserError:
-      raise
-    except ValueError as e:
-      train_parser().error(str(e))
-    if args.distributed:
-      jax.distributed.initialize()
+    multi = (args.coordinator_address, args.num_processes, args.process_id)
+    if args.distributed or any(v is not None for v in multi):
+      multihost.initialize(*multi)
     _, row = run(
         cfg,
         args.workdir,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -52,10 +53,10 @@ def lock(workdir: str):
 
   A lock left by a process that no longer exists (killed) is taken over.
   """
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK)
   for _ in range(2):
     try:
+      os.makedirs(workdir, exist_ok=True)
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
       break
     except FileExistsError:
@@ -70,6 +71,10 @@ def lock(workdir: str):
             " for it to finish or choose another --workdir"
         ) from None
       os.remove(path)  # stale: its process is gone
+    except OSError as e:  # read-only, no permission, disk full
+      raise UserError(
+          f"cannot write in the workdir {workdir!r}: {e.strerror or e}"
+      ) from None
   else:  # pragma: no cover - lost a race twice
     raise UserError(f"could not take the lock {path}")
   with os.fdopen(fd, "w") as f:
@@ -82,11 +87,38 @@ def lock(workdir: str):
 
 
 def stored_config(workdir: str) -> dict | None:
+  """The run's stored ``config.json`` as a dict; None if there is none.
+
+  Raises:
+    UserError: naming the file, if it is not a JSON object of config fields.
+  """
   path = os.path.join(workdir, CONFIG)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot read the run's config {path}: {e}") from None
+  fields = {f.name for f in dataclasses.fields(presets.TrainConfig)}
+  if not isinstance(stored, dict) or not set(stored) <= fields:
+    unknown = sorted(set(stored) - fields) if isinstance(stored, dict) else []
+    raise UserError(
+        f"{path} is not a run's config"
+        + (f" (unknown fields {unknown})" if unknown else "")
+    )
+  return stored
+
+
+def stored_train_config(workdir: str, **overrides) -> presets.TrainConfig:
+  """The stored config as a TrainConfig, with ``overrides``; UserError naming the file."""
+  stored = stored_config(workdir)
+  try:
+    return dataclasses.replace(presets.TrainConfig(**stored), **overrides)
+  except (TypeError, ValueError) as e:
+    raise UserError(
+        f"{os.path.join(workdir, CONFIG)} holds an invalid config: {e}"
+    ) from None
 
 
 def write_config(workdir: str, cfg: presets.TrainConfig) -> None:
@@ -107,7 +139,7 @@ def config_for_resume(
   if stored is None:
     return None
   check_resume_overrides(stored, overrides)
-  return dataclasses.replace(presets.TrainConfig(**stored), **overrides)
+  return stored_train_config(workdir, **overrides)
 
 
 def check_resume_overrides(stored: dict, overrides: dict[str, Any]) -> None:
@@ -137,15 +169,19 @@ class MetricsLog:
   kept row rather than restarting at zero.
   """
 
-  def __init__(self, workdir: str, start_step: int, *, write: bool = True):
+  def __init__(
+      self, workdir: str, start_step: int, *, write: bool = True, log=print
+  ):
     self.path = os.path.join(workdir, METRICS)
     self.write = write
-    rows = []
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows, torn = read_rows(self.path) if os.path.exists(self.path) else ([], 0)
+    if torn:
+      log(
+          f"{self.path}: dropped its last line, cut short (an append that was"
+          " interrupted)"
+      )
     self.rows = [r for r in rows if r.get("step", 0) <= start_step]
-    if write and len(self.rows) != len(rows):
+    if write and (torn or len(self.rows) != len(rows)):
       tmp = self.path + ".tmp"
       with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in self.rows)
@@ -159,7 +195,36 @@ class MetricsLog:
     return self.rows[-1] if self.rows else {}
 
   def append(self, row: dict) -> None:
+    row = {k: _json_number(v) for k, v in row.items()}
     self.rows.append(row)
     if self.write:
       with open(self.path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json.dumps(row, allow_nan=False) + "\n")
+
+
+def _json_number(value: Any) -> Any:
+  """``value``, or None (JSON null) for a NaN or an infinity, which JSON lacks."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def read_rows(path: str) -> tuple[list[dict], int]:
+  """The rows of a ``metrics.jsonl`` and how many torn last lines were left out (0 or 1).
+
+  Only the last line may be cut short (an interrupted append); any other line
+  that is not JSON is a UserError naming the file and line.
+  """
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except ValueError:
+      if i == len(lines) - 1 and not line.endswith("\n"):
+        return rows, 1
+      raise UserError(
+          f"{path}, line {i + 1}, is not JSON: {line[:60]!r}"
+      ) from None
+  return rows, 0
