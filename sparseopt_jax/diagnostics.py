@@ -7,10 +7,31 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from sparseopt_jax import masking
 from sparseopt_jax import topology as topology_lib
 from sparseopt_jax import tree as tree_lib
+
+
+def _to_host(tree: Any) -> Any:
+  """``tree`` as numpy arrays: one read, after which the diagnostics count in numpy.
+
+  An array spread over several processes' devices (not fully addressable, not
+  replicated) is gathered first (``process_allgather``), a collective: every
+  process calls the diagnostic, as every process runs the step.
+  """
+
+  def gather(x):
+    if (
+        isinstance(x, jax.Array)
+        and not x.is_fully_addressable
+        and not x.is_fully_replicated
+    ):
+      return multihost_utils.process_allgather(x, tiled=True)
+    return x
+
+  return jax.device_get(jax.tree.map(gather, tree))
 
 
 def _masks_by_path(masks: Any) -> dict[str, jax.Array]:
@@ -66,8 +87,8 @@ def sparsity_summary(
   """
   # One read of the masks and params, then numpy: per-leaf eager jax ops
   # would compile a program for every leaf shape, on every call.
-  masks = jax.device_get(masking.get_masks(state))
-  params = None if params is None else jax.device_get(params)
+  masks = _to_host(masking.get_masks(state))
+  params = None if params is None else _to_host(params)
   drift = None if params is None else _pruned_nonzero(params, masks)
   leaves = {}
   total = active = 0
@@ -139,7 +160,7 @@ def check_sparsity(params: Any, masks_or_state: Any) -> None:
   at each evaluation.
   """
   drift = _pruned_nonzero(
-      *jax.device_get((params, masking.resolve_masks(masks_or_state)))
+      *_to_host((params, masking.resolve_masks(masks_or_state)))
   )
   bad = {path: v for path, v in drift.items() if v[0]}
   if bad:

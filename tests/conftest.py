@@ -22,8 +22,8 @@ import optax
 import pytest
 
 # Tests marked `multi_device` need several devices; every other test runs on one
-# CPU device. The main pytest process has one; it runs each test module's
-# multi-device tests in one child pytest process with MULTI_DEVICE_COUNT
+# CPU device. The main pytest process has one; at the first of them it runs all
+# the selected multi-device tests in one child pytest process with MULTI_DEVICE_COUNT
 # simulated CPU devices (`_DEVICES_ENV` set), which it kills (SIGKILL) if they
 # run past their budget: a stuck XLA:CPU collective fails in minutes instead of
 # holding the whole run (a thread blocked inside XLA ignores SIGINT and SIGTERM).
@@ -61,17 +61,14 @@ def _multi_device_xla_flags(count: int) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-  """In the main process, a multi-device test's time limit covers its module's child."""
+  """In the main process, a multi-device test's time limit covers the child."""
   del config
   if IN_CHILD:
     return
-  per_module = {}
-  for item in items:
-    if item.get_closest_marker("multi_device"):
-      per_module[item.path] = per_module.get(item.path, 0) + _budget(item)
-  for item in items:
-    if item.get_closest_marker("multi_device"):
-      item.add_marker(pytest.mark.timeout(per_module[item.path] + 120))
+  group = [i for i in items if i.get_closest_marker("multi_device")]
+  total = sum(map(_budget, group))
+  for item in group:
+    item.add_marker(pytest.mark.timeout(total + 120))
 
 
 def _budget(item) -> int:
@@ -104,24 +101,25 @@ def pytest_pyfunc_call(pyfuncitem):
   return True
 
 
-_CHILD_RUNS = {}
+_CHILD_RUN = []
 
 
 def _child_results(item):
-  """Runs the selected multi-device tests of ``item``'s module in one child, once."""
-  if item.path not in _CHILD_RUNS:
+  """Runs every selected multi-device test in one child, once: each child pays
+  for starting Python, JAX and Flax (about 6 s)."""
+  if not _CHILD_RUN:
     group = [
-        i
-        for i in item.session.items
-        if i.path == item.path and i.get_closest_marker("multi_device")
+        i for i in item.session.items if i.get_closest_marker("multi_device")
     ]
-    _CHILD_RUNS[item.path] = _run_child(
-        item.config,
-        [i.nodeid for i in group],
-        sum(map(_budget, group)),
-        max(map(_budget, group)),
+    _CHILD_RUN.append(
+        _run_child(
+            item.config,
+            [i.nodeid for i in group],
+            sum(map(_budget, group)),
+            max(map(_budget, group)),
+        )
     )
-  return _CHILD_RUNS[item.path]
+  return _CHILD_RUN[0]
 
 
 def _run_child(config, nodeids, budget, per_test):
@@ -214,9 +212,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # and runs each a few times: LLVM's optimisation of them costs more than it saves
 # (the default run: 11:33 -> 9:28 on 2 cores). JAX's own switch for this; the
 # programs' HLO is unchanged. Not in the multi-device child: it compares 8
-# devices with 1 against a spread measured with optimised code, whose vectorised
-# reductions round less than unoptimised ones (after 2 steps: 4e-5 of a leaf's
-# change against 2.5e-2).
+# devices with 1 against spreads measured with the optimised code users run.
 if not IN_CHILD:
   jax.config.update("jax_disable_most_optimizations", True)
 

@@ -7,6 +7,8 @@ that ends in SIGKILL, since JAX's preemption notifier takes SIGTERM.
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -40,35 +42,36 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(argvs: list[list[str]], timeout: float = 180) -> list[tuple]:
-  """``sparseopt-train argv`` as process i of len(argvs); (status, out, err) each."""
-  port = _free_port()
-  env = {
+def _env(**extra) -> dict:
+  return {
       **os.environ,
       "PYTHONPATH": ROOT,
       "JAX_PLATFORMS": "cpu",
       "XLA_FLAGS": "",
       # Compiling costs more than running these few steps (see conftest.py).
       "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+      **extra,
   }
-  procs = [
+
+
+def _start(commands: list[list[str]], **env) -> list[subprocess.Popen]:
+  """``command + [coordinator, count, index]`` as process i of len(commands)."""
+  port = _free_port()
+  return [
       subprocess.Popen(
-          [
-              sys.executable,
-              "-m",
-              "sparseopt_jax.training.train",
-              *argv,
-              *("--coordinator-address", f"127.0.0.1:{port}"),
-              *("--num-processes", str(len(argvs)), "--process-id", str(i)),
-          ],
+          [*cmd, f"127.0.0.1:{port}", str(len(commands)), str(i)],
           cwd=ROOT,
-          env=env,
+          env=_env(**env),
           stdout=subprocess.PIPE,
           stderr=subprocess.PIPE,
           text=True,
       )
-      for i, argv in enumerate(argvs)
+      for i, cmd in enumerate(commands)
   ]
+
+
+def _wait(procs, timeout: float = 180) -> list[tuple]:
+  """(status, stdout, stderr) of each process; all SIGKILLed past ``timeout``."""
   deadline = time.monotonic() + timeout
   out = []
   for p in procs:
@@ -80,6 +83,24 @@ def _launch(argvs: list[list[str]], timeout: float = 180) -> list[tuple]:
       pytest.fail(f"the processes ran past {timeout} s")
     out.append((p.returncode, o, e))
   return out
+
+
+# sparseopt-train with the multi-host flags from _start's last three arguments.
+_TRAIN = """
+import sys
+from sparseopt_jax.training import main
+*argv, address, count, index = sys.argv[1:]
+sys.exit(main([*argv, "--coordinator-address", address, "--num-processes",
+               count, "--process-id", index]))
+"""
+
+
+def _launch(argvs: list[list[str]], timeout: float = 180) -> list[tuple]:
+  """``sparseopt-train argv`` as process i of len(argvs); (status, out, err) each."""
+  return _wait(
+      _start([[sys.executable, "-c", _TRAIN, *argv] for argv in argvs]),
+      timeout,
+  )
 
 
 def _errors(results) -> list[str]:
@@ -129,13 +150,112 @@ def test_every_process_refuses_alike_what_one_process_finds_wrong(tmp_path):
   assert not os.path.exists(w)
 
 
-def test_two_processes_train_one_run_and_write_it_once(tmp_path):
-  w = str(tmp_path / "run")
+def _metrics(workdir) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_two_processes_train_as_one_process_with_two_devices(tmp_path):
+  w = str(tmp_path / "two")
   results = _launch([["--workdir", w, *FLAGS]] * 2)
   assert [r[0] for r in results] == [0, 0], results
-  rows = [json.loads(line) for line in open(os.path.join(w, "metrics.jsonl"))]
-  assert [r["step"] for r in rows] == [0, 2]
+  rows = _metrics(w)
+  assert [r["step"] for r in rows] == [0, 2]  # written once
   # Both processes end with the same evaluation: one run, not two.
   last = [json.loads(o.strip().splitlines()[-1]) for _, o, _ in results]
   for key in ("step", "test_loss", "test_accuracy", "train_loss"):
     assert last[0][key] == last[1][key] == rows[-1][key], key
+  # One process with two devices: the same global batches, each device the
+  # examples one process had; a sum of two terms rounds alike in either order.
+  one = str(tmp_path / "one")
+  done = subprocess.run(
+      [sys.executable, "-m", "sparseopt_jax.training.train", "--workdir", one]
+      + FLAGS,
+      cwd=ROOT,
+      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+      capture_output=True,
+      text=True,
+      timeout=180,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  for a, b in zip(rows, _metrics(one), strict=True):
+    for key in ("step", "test_loss", "test_accuracy", "train_loss"):
+      assert a.get(key) == b.get(key), (key, a, b)
+
+
+def test_a_preemption_notice_stops_every_process_at_one_step(tmp_path):
+  w = str(tmp_path / "run")
+  argv = [*FLAGS, "--steps", "60"]  # after FLAGS' --steps: the later one counts
+  procs = _start([[sys.executable, "-c", _TRAIN, "--workdir", w, *argv]] * 2)
+  metrics = os.path.join(w, "metrics.jsonl")
+  deadline = time.monotonic() + 120
+  while not os.path.exists(metrics) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)  # one host's notice
+  results = _wait(procs)
+  assert [r[0] for r in results] == [0, 0], results
+  stopped = {
+      int(m)
+      for _, out, _ in results
+      for m in re.findall(r"stopped after step (\d+) with a checkpoint", out)
+  }
+  assert len(stopped) == 1, results  # the same step on both
+  (step,) = stopped
+  assert 0 < step < 60
+  # One process resumes the two processes' run and finishes it.
+  done = subprocess.run(
+      [sys.executable, "-m", "sparseopt_jax.training.train", "--workdir", w]
+      + ["--resume", "--no-progress", "--steps", str(step + 2)],
+      cwd=ROOT,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=180,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == step + 2
+
+
+# Params and masks sharded over a 'model' axis that spans both processes.
+_SPANNING = """
+import json, sys
+import jax
+address, count, index = sys.argv[1:]
+jax.distributed.initialize(address, int(count), int(index))
+import numpy as np, optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import sparseopt_jax as so
+
+mesh = jax.make_mesh((2,), ("model",))
+host = {"w": np.arange(1.0, 65.0, dtype=np.float32).reshape(8, 8)}
+shardings = {"w": NamedSharding(mesh, P(None, "model"))}
+tx = optax.chain(so.sparseopt(0.75, update_every=2, end_step=10), optax.sgd(0.1))
+state_sh = so.state_shardings(tx, host, shardings, NamedSharding(mesh, P()))
+state = jax.device_put(tx.init(host), state_sh)
+params = jax.device_put(so.apply_masks(host, tx.init(host)), shardings)
+mask = so.get_masks(state)["w"]
+summary = so.sparsity_summary(state, params=params)
+so.check_sparsity(params, state)
+print(json.dumps({
+    "addressable": mask.is_fully_addressable,
+    "active": summary["leaves"]["w"]["active"],
+    "pruned_nonzero": summary["pruned_nonzero"],
+    "sparsity": summary["sparsity"],
+}))
+"""
+
+
+def test_diagnostics_read_arrays_spread_over_processes():
+  results = _wait(_start([[sys.executable, "-c", _SPANNING]] * 2))
+  assert [r[0] for r in results] == [0, 0], results
+  out = [json.loads(o.strip().splitlines()[-1]) for _, o, _ in results]
+  assert (
+      out[0]
+      == out[1]
+      == {
+          "addressable": False,
+          "active": 16,
+          "pruned_nonzero": 0,
+          "sparsity": 0.75,
+      }
+  )

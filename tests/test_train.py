@@ -133,11 +133,11 @@ def test_cifar100_tfds_path_under_mock_data(tmp_path):
   assert np.isfinite(row["test_loss"])
 
 
-# Per leaf, how far 8 devices may land from one device after 2 steps, as a fraction
-# of the leaf's own change over the 2 steps.
-REORDERED_SUM_TOLERANCE = 1e-3
+# Per leaf, how far 8 devices may land from one device after one step, as a
+# fraction of the leaf's own change over it.
+REORDERED_SUM_TOLERANCE = 0.05
 # How many of the mask entries a RigL update moves may come out otherwise on 8 devices.
-NEAR_TIE_FRACTION = 0.02
+NEAR_TIE_FRACTION = 0.2
 
 
 @pytest.mark.multi_device
@@ -145,31 +145,30 @@ def test_eight_devices_match_one_device():
   """8 devices train as one does: the same global batch's mean gradient and BatchNorm
   statistics, only summed in another order.
 
-  Float32 sums in another order differ in their last bits; each step of this ReLU
-  network amplifies that, by an amount that depends on the CPU's reduction order
-  (benchmarks/scaling.py), and a mask update turns it into other choices among
-  near-tied weights, after which a param can differ by a whole weight. So:
-
-  * after 2 steps, before the first mask update, every param and BatchNorm
-    statistic is within REORDERED_SUM_TOLERANCE of its own change over those
-    steps (measured: 4e-5 for 8 devices, as for one device fed the same batches
-    in other orders; 9 with the gradient of one device's shard, no mean);
-  * the third step updates the masks, and at most NEAR_TIE_FRACTION of the
-    entries the update moved come out otherwise (measured: 0 of 740, 0 to 8
-    with reordered batches; 716 with one shard's gradient).
+  Float32 sums in another order differ in their last bits. Where an activation
+  lies within those bits of a ReLU's kink, it falls on the other side, and the
+  gradient of that example changes by a whole term: a leaf can then differ by
+  far more than rounding, by an amount that depends on the CPU's reduction
+  order and the seed. Measured on one step (ResNet-8 over 8 seeds, ResNet-20
+  over 4): at most 4.2e-3 of a leaf's change, mostly 1e-5; on the second step,
+  a RigL update, at most 1.6% of the moved mask entries differ, mostly none. A
+  semantic error is far larger: with the gradient of one device's shard (its
+  examples repeated over the batch) the params differ by 8.6 times their
+  change, the BatchNorm statistics by 1.1, and 86% of the moved entries. The
+  bounds sit between, an order of magnitude from each.
   """
   assert jax.device_count() >= 8
-  cfg = tiny(model="resnet20", steps=10, update_every=2)  # as measured
+  cfg = tiny(steps=10, update_every=1)
   info = input_lib.DatasetInfo("fashion_mnist", (28, 28, 1), 10, 4096, 10000)
   setup = train.make_setup(cfg, info, steps_per_epoch=4096 // 64)
-  assert [setup.is_mask_update(s) for s in range(3)] == [False, False, True]
+  assert [setup.is_mask_update(s) for s in range(2)] == [False, True]
   rng = np.random.default_rng(0)
   batches = [
       {
           "image": rng.normal(size=(64, 28, 28, 1)).astype(np.float32),
           "label": rng.integers(0, 10, 64).astype(np.int32),
       }
-      for _ in range(3)
+      for _ in range(2)
   ]
   # On the host: each run's first step donates the copy it was given.
   init = jax.device_get(train.create_train_state(setup, info.image_shape))
@@ -181,11 +180,13 @@ def test_eight_devices_match_one_device():
         init, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     )
     states = []
-    for b in batches:
-      state, _ = step(state, train.shard_batch(b, mesh))
+    for i, b in enumerate(batches):
+      state, _ = step(
+          state, train.shard_batch(b, mesh), setup.is_mask_update(i)
+      )
       states.append(jax.device_get(jax.block_until_ready(state)))
     runs[n] = states
-  one, eight = runs[1][1], runs[8][1]  # after 2 steps
+  one, eight = runs[1][0], runs[8][0]  # after the first step
   for part in ("params", "batch_stats"):
     change = leaf_max_abs(getattr(one, part), getattr(init, part))
     diff = leaf_max_abs(getattr(one, part), getattr(eight, part))
@@ -197,7 +198,7 @@ def test_eight_devices_match_one_device():
         diff[worst],
         change[worst],
     )
-  masks = {n: so.get_masks(runs[n][2].opt_state) for n in (1, 8)}
+  masks = {n: so.get_masks(runs[n][1].opt_state) for n in (1, 8)}
   moved = entries_differing(masks[1], so.get_masks(init.opt_state))
   assert moved > 100  # the update moved weights: the masks say something
   assert entries_differing(masks[1], masks[8]) <= NEAR_TIE_FRACTION * moved

@@ -390,3 +390,47 @@ def test_sigterm_stops_at_the_next_step_with_a_checkpoint_and_resume_goes_on(
   steps = ["--steps", str(stopped + 2)]
   assert _status(["--workdir", w, "--resume", "--no-progress", *steps]) == 0
   assert [r["step"] for r in _rows(w)][-1] == stopped + 2
+
+
+# A process that may not write files over 2 KiB (RLIMIT_FSIZE; SIGXFSZ ignored, so
+# a write fails with EFBIG): the run's checkpoint files fail as on a full disk.
+_SMALL_FILES = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+from sparseopt_jax.training import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failed_checkpoint_stops_the_run_in_one_line_and_resume_recovers(
+    tmp_path,
+):
+  w = str(tmp_path / "run")
+  assert (
+      _status(["--workdir", w, "--steps", "6", "--stop-at", "2", *FLAGS]) == 0
+  )
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {
+      **os.environ,
+      "PYTHONPATH": root,
+      "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+  }
+  done = subprocess.run(
+      [sys.executable, "-c", _SMALL_FILES, "--workdir", w, "--resume"],
+      env={**env, "XLA_FLAGS": ""},
+      capture_output=True,
+      text=True,
+      timeout=240,
+  )
+  # orbax's writers log their own errors (absl, from their threads) around it.
+  lines = done.stderr.strip().splitlines()
+  errors = [ln for ln in lines if ln.startswith("sparseopt-train: error:")]
+  assert done.returncode == 1 and len(errors) == 1, done.stderr[-3000:]
+  assert "Event loop is closed" not in done.stderr
+  checkpoints = os.path.join(w, "checkpoints")
+  assert f"a checkpoint could not be written under {checkpoints}" in errors[0]
+  assert "File too large" in errors[0]
+  assert "the last complete checkpoint is step 2" in errors[0]
+  assert _status(["--workdir", w, "--resume", "--no-progress"]) == 0
+  assert [r["step"] for r in _rows(w)] == [0, 2, 4, 6]

@@ -796,52 +796,56 @@ def _run_locked(
     record(0, shard_batch(first, mesh), {})
   pending, row = [], metrics_log.last
   seen_images, t_mark = 0, time.time()
-  with Preemption() as preemption:
-    for step in range(start + 1, last_step + 1):
-      batch = shard_batch(next(batches), mesh)
-      train_step.compile(state, batch, update_variant=dynamic)
-      state, metrics = train_step(state, batch, setup.is_mask_update(step - 1))
-      if one_program_at_a_time(mesh):
-        jax.block_until_ready(state)
-      pending.append(metrics)
-      seen_images += cfg.batch_size
-      if (
-          step % cfg.log_every == 0
-          or step % cfg.eval_every == 0
-          or step == last_step
-      ):
-        train = {
-            k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-            for k in pending[0]
-        }
-        throughput = seen_images / (time.time() - t_mark)
-        bar.set_postfix(
-            loss=f"{train['loss']:.3f}",
-            acc=f"{train['accuracy']:.3f}",
-            img_s=f"{throughput:.0f}",
+  try:  # the bar ends its line before any error message
+    with Preemption() as preemption:
+      for step in range(start + 1, last_step + 1):
+        batch = shard_batch(next(batches), mesh)
+        train_step.compile(state, batch, update_variant=dynamic)
+        state, metrics = train_step(
+            state, batch, setup.is_mask_update(step - 1)
         )
-        bar.update(step - bar.n)
-      if step % cfg.eval_every == 0 or step == setup.num_steps:
-        row = record(
-            step,
-            batch,
-            {
-                "train_loss": train["loss"],
-                "train_accuracy": train["accuracy"],
-                "images_per_s": throughput,
-            },
-        )
-      if step % cfg.log_every == 0:
-        pending, seen_images, t_mark = [], 0, time.time()
-      stop = preemption.reached(step)
-      ckpt.save(step, state, force=step == last_step or stop)
-      if stop:
-        log(
-            f"preempted (SIGTERM): stopped after step {step} with a checkpoint;"
-            " --resume continues the run"
-        )
-        break
-  bar.close()
+        if one_program_at_a_time(mesh):
+          jax.block_until_ready(state)
+        pending.append(metrics)
+        seen_images += cfg.batch_size
+        if (
+            step % cfg.log_every == 0
+            or step % cfg.eval_every == 0
+            or step == last_step
+        ):
+          train = {
+              k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+              for k in pending[0]
+          }
+          throughput = seen_images / (time.time() - t_mark)
+          bar.set_postfix(
+              loss=f"{train['loss']:.3f}",
+              acc=f"{train['accuracy']:.3f}",
+              img_s=f"{throughput:.0f}",
+          )
+          bar.update(step - bar.n)
+        if step % cfg.eval_every == 0 or step == setup.num_steps:
+          row = record(
+              step,
+              batch,
+              {
+                  "train_loss": train["loss"],
+                  "train_accuracy": train["accuracy"],
+                  "images_per_s": throughput,
+              },
+          )
+        if step % cfg.log_every == 0:
+          pending, seen_images, t_mark = [], 0, time.time()
+        stop = preemption.reached(step)
+        ckpt.save(step, state, force=step == last_step or stop)
+        if stop:
+          log(
+              f"preempted (SIGTERM): stopped after step {step} with a"
+              " checkpoint; --resume continues the run"
+          )
+          break
+  finally:
+    bar.close()
   ckpt.close()
   return state, row
 
@@ -1128,6 +1132,9 @@ def main(argv: list[str] | None = None) -> int:
   except (workdir_lib.UserError, input_lib.DataError, plotting.PlotError) as e:
     print(f"sparseopt-train: error: {e}", file=sys.stderr)
     return 2
+  except workdir_lib.WriteError as e:
+    print(f"sparseopt-train: error: {e}", file=sys.stderr)
+    return 1
   print(json.dumps(row))
   return 0
 

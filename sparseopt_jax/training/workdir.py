@@ -22,6 +22,11 @@ class UserError(ValueError):
   command line prints its message on one line and exits with status 2."""
 
 
+class WriteError(RuntimeError):
+  """The run's files could not be written (a full disk, a lost mount): a fault of
+  the machine; the command line prints one line and exits with status 1."""
+
+
 # Fields a resumed run may change: they lengthen or re-pace the run, or say where the
 # data lives, without changing what the checkpoint's state means.
 SAFE_ON_RESUME = (
@@ -122,8 +127,12 @@ def stored_train_config(workdir: str, **overrides) -> presets.TrainConfig:
 
 
 def write_config(workdir: str, cfg: presets.TrainConfig) -> None:
-  with open(os.path.join(workdir, CONFIG), "w") as f:
-    json.dump(dataclasses.asdict(cfg), f, indent=2)
+  path = os.path.join(workdir, CONFIG)
+  try:
+    with open(path, "w") as f:
+      json.dump(dataclasses.asdict(cfg), f, indent=2)
+  except OSError as e:
+    raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def config_for_resume(
@@ -198,8 +207,13 @@ class MetricsLog:
     row = {k: _json_number(v) for k, v in row.items()}
     self.rows.append(row)
     if self.write:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(row, allow_nan=False) + "\n")
+      try:
+        with open(self.path, "a") as f:
+          f.write(json.dumps(row, allow_nan=False) + "\n")
+      except OSError as e:
+        raise WriteError(
+            f"cannot append to {self.path}: {e.strerror or e}"
+        ) from None
 
 
 def _json_number(value: Any) -> Any:
