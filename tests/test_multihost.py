@@ -156,28 +156,29 @@ def _metrics(workdir) -> list[dict]:
 
 
 def test_two_processes_train_as_one_process_with_two_devices(tmp_path):
-  w = str(tmp_path / "two")
-  results = _launch([["--workdir", w, *FLAGS]] * 2)
+  w, one = str(tmp_path / "two"), str(tmp_path / "one")
+  # One process with two devices, beside them: the same global batches, each
+  # device the examples one process had; a sum of two terms rounds alike in
+  # either order.
+  single = subprocess.Popen(
+      [sys.executable, "-m", "sparseopt_jax.training.train", "--workdir", one]
+      + FLAGS,
+      cwd=ROOT,
+      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+  pair = _start([[sys.executable, "-c", _TRAIN, "--workdir", w, *FLAGS]] * 2)
+  *results, alone = _wait([*pair, single])
   assert [r[0] for r in results] == [0, 0], results
+  assert alone[0] == 0, alone[2][-3000:]
   rows = _metrics(w)
   assert [r["step"] for r in rows] == [0, 2]  # written once
   # Both processes end with the same evaluation: one run, not two.
   last = [json.loads(o.strip().splitlines()[-1]) for _, o, _ in results]
   for key in ("step", "test_loss", "test_accuracy", "train_loss"):
     assert last[0][key] == last[1][key] == rows[-1][key], key
-  # One process with two devices: the same global batches, each device the
-  # examples one process had; a sum of two terms rounds alike in either order.
-  one = str(tmp_path / "one")
-  done = subprocess.run(
-      [sys.executable, "-m", "sparseopt_jax.training.train", "--workdir", one]
-      + FLAGS,
-      cwd=ROOT,
-      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
-      capture_output=True,
-      text=True,
-      timeout=180,
-  )
-  assert done.returncode == 0, done.stderr[-3000:]
   for a, b in zip(rows, _metrics(one), strict=True):
     for key in ("step", "test_loss", "test_accuracy", "train_loss"):
       assert a.get(key) == b.get(key), (key, a, b)

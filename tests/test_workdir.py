@@ -156,6 +156,12 @@ def _one_line_error(capsys) -> str:
             "--model-parallel 3 does not divide the 1 devices",
         ),
         (["--update-every", "1000"], "--update-every 1000 leaves no mask"),
+        (["--num-processes", "2"], "--num-processes and --process-id go"),
+        (
+            [*("--coordinator-address", "127.0.0.1:1", "--num-processes")]
+            + ["2", "--process-id", "2"],
+            "--process-id 2 is not in [0, --num-processes 2)",
+        ),
         (
             ["--preset", "fashion_mnist_vit", "--steps", "30"],
             "the warm-up, 93 steps",
@@ -434,3 +440,22 @@ def test_a_failed_checkpoint_stops_the_run_in_one_line_and_resume_recovers(
   assert "the last complete checkpoint is step 2" in errors[0]
   assert _status(["--workdir", w, "--resume", "--no-progress"]) == 0
   assert [r["step"] for r in _rows(w)] == [0, 2, 4, 6]
+
+
+def test_distributed_outside_a_cluster_names_the_flags_to_pass(tmp_path):
+  # A fresh process: jax.distributed.initialize must come before any computation.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  w = str(tmp_path / "w")
+  done = subprocess.run(
+      [sys.executable, "-m", "sparseopt_jax.training.train"]
+      + ["--workdir", w, "--distributed"],
+      env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"},
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert done.returncode == 2, done.stderr[-3000:]
+  (line,) = done.stderr.strip().splitlines()
+  assert line.startswith("sparseopt-train: error: jax.distributed.initialize")
+  assert "pass --coordinator-address HOST:PORT, --num-processes N" in line
+  assert not os.path.exists(w)
