@@ -237,7 +237,9 @@ params = jax.device_put(so.apply_masks(host, tx.init(host)), shardings)
 mask = so.get_masks(state)["w"]
 summary = so.sparsity_summary(state, params=params)
 so.check_sparsity(params, state)
+slope = so.skew_slope(params, state)["w"]  # the params as a gradient
 print(json.dumps({
+    "slope_finite": bool(np.isfinite(float(slope))),
     "addressable": mask.is_fully_addressable,
     "active": summary["leaves"]["w"]["active"],
     "pruned_nonzero": summary["pruned_nonzero"],
@@ -254,6 +256,7 @@ def test_diagnostics_read_arrays_spread_over_processes():
       out[0]
       == out[1]
       == {
+          "slope_finite": True,
           "addressable": False,
           "active": 16,
           "pruned_nonzero": 0,
