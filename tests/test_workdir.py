@@ -364,10 +364,12 @@ def test_compare_script_keeps_earlier_results(tmp_path):
   assert f"earlier results are now in {kept}" in done.stderr
 
 
-def test_sigterm_stops_at_the_next_step_with_a_checkpoint_and_resume_goes_on(
+def test_sigterm_stops_at_the_next_step_and_resume_ends_as_a_straight_run(
     tmp_path, capsys
 ):
   w = str(tmp_path / "run")
+  # 12 steps, evaluated at the start and the end only.
+  argv = [*FLAGS, "--steps", "12", "--eval-every", "12"]
   metrics = os.path.join(w, "metrics.jsonl")
 
   def preempt():  # a notice once the run has evaluated its first point
@@ -381,7 +383,7 @@ def test_sigterm_stops_at_the_next_step_with_a_checkpoint_and_resume_goes_on(
   try:
     notice = threading.Thread(target=preempt, daemon=True)
     notice.start()
-    assert _status(["--workdir", w, "--steps", "40", *FLAGS]) == 0
+    assert _status(["--workdir", w, *argv]) == 0
     notice.join()
     assert signal.getsignal(signal.SIGTERM) is ignore  # the loop's handler went
   finally:
@@ -389,13 +391,17 @@ def test_sigterm_stops_at_the_next_step_with_a_checkpoint_and_resume_goes_on(
   out = capsys.readouterr().out
   (stopped,) = re.findall(r"stopped after step (\d+) with a checkpoint", out)
   stopped = int(stopped)
-  assert 0 < stopped < 40
+  assert 0 < stopped < 12
   assert json.loads(out.strip().splitlines()[-1])["step"] <= stopped
   saved = os.listdir(os.path.join(w, "checkpoints"))
   assert max(int(d) for d in saved if d.isdigit()) == stopped
-  steps = ["--steps", str(stopped + 2)]
-  assert _status(["--workdir", w, "--resume", "--no-progress", *steps]) == 0
-  assert [r["step"] for r in _rows(w)][-1] == stopped + 2
+  assert _status(["--workdir", w, "--resume", "--no-progress"]) == 0
+  straight = str(tmp_path / "straight")
+  assert _status(["--workdir", straight, *argv]) == 0
+  (resumed,), (whole,) = _rows(w)[-1:], _rows(straight)[-1:]
+  assert resumed["step"] == whole["step"] == 12
+  for key in ("test_loss", "test_accuracy", "train_loss", "train_accuracy"):
+    assert resumed[key] == whole[key], key
 
 
 # A process that may not write files over 2 KiB (RLIMIT_FSIZE; SIGXFSZ ignored, so
