@@ -111,43 +111,44 @@ def _errors(results) -> list[str]:
   ]
 
 
-def test_every_process_refuses_alike_what_one_process_finds_wrong(tmp_path):
-  # A config that differs on one process.
-  w = str(tmp_path / "a")
-  results = _launch([
-      ["--workdir", w, *FLAGS],
-      ["--workdir", w, *FLAGS, "--seed", "1"],
-  ])
-  assert [r[0] for r in results] == [2, 2], results
-  errors = _errors(results)
-  assert errors[0] == errors[1] and len(errors[0]) == 1, results
-  assert "do not run the same config and workdir: processes [1]" in errors[0][0]
+def _cmd(*argv) -> list[str]:
+  return [sys.executable, "-c", _TRAIN, *argv]
 
-  # A busy workdir: only process 0 sees the lock, both refuse with its message.
-  w = tmp_path / "b"
-  w.mkdir()
+
+def test_every_process_refuses_alike_what_one_process_finds_wrong(tmp_path):
+  # Three refused runs of two processes each, side by side: a config that
+  # differs on one process; a busy workdir, whose lock only process 0 sees; a
+  # model axis that would span the processes.
+  differ, busy, span = (str(tmp_path / n) for n in "abc")
+  os.makedirs(busy)
   holder = subprocess.Popen(
       [sys.executable, "-c", "import time; time.sleep(300)"]
   )
   try:
-    (w / ".lock").write_text(str(holder.pid))
-    results = _launch([["--workdir", str(w), *FLAGS]] * 2)
+    with open(os.path.join(busy, ".lock"), "w") as f:
+      f.write(str(holder.pid))
+    groups = [
+        _start([
+            _cmd("--workdir", differ, *FLAGS),
+            _cmd("--workdir", differ, *FLAGS, "--seed", "1"),
+        ]),
+        _start([_cmd("--workdir", busy, *FLAGS)] * 2),
+        _start([_cmd("--workdir", span, *FLAGS, "--model-parallel", "2")] * 2),
+    ]
+    results = [_wait(g) for g in groups]
   finally:
     holder.kill()
-  assert [r[0] for r in results] == [2, 2], results
-  errors = _errors(results)
-  assert errors[0] == errors[1] and len(errors[0]) == 1, results
-  assert f"in use by process {holder.pid}" in errors[0][0]
-
-  # A model axis that would span the processes.
-  w = str(tmp_path / "c")
-  results = _launch([["--workdir", w, *FLAGS, "--model-parallel", "2"]] * 2)
-  assert [r[0] for r in results] == [2, 2], results
-  assert all(
-      len(e) == 1 and "--model-parallel 2 would span processes" in e[0]
-      for e in _errors(results)
-  ), results
-  assert not os.path.exists(w)
+  expected = [
+      "do not run the same config and workdir: processes [1]",
+      f"in use by process {holder.pid}",
+      "--model-parallel 2 would span processes",
+  ]
+  for pair, message in zip(results, expected, strict=True):
+    assert [r[0] for r in pair] == [2, 2], pair
+    errors = _errors(pair)
+    assert errors[0] == errors[1] and len(errors[0]) == 1, pair
+    assert message in errors[0][0], pair
+  assert not os.path.exists(span)
 
 
 def _metrics(workdir) -> list[dict]:
@@ -203,18 +204,12 @@ def test_a_preemption_notice_stops_every_process_at_one_step(tmp_path):
   assert len(stopped) == 1, results  # the same step on both
   (step,) = stopped
   assert 0 < step < 60
-  # One process resumes the two processes' run and finishes it.
-  done = subprocess.run(
-      [sys.executable, "-m", "sparseopt_jax.training.train", "--workdir", w]
-      + ["--resume", "--no-progress", "--steps", str(step + 2)],
-      cwd=ROOT,
-      env=_env(),
-      capture_output=True,
-      text=True,
-      timeout=180,
-  )
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == step + 2
+  # One process (this one, one device) resumes the two processes' run.
+  from sparseopt_jax.training import train
+
+  resume = ["--resume", "--no-progress", "--steps", str(step + 2)]
+  assert train.main(["--workdir", w, *resume]) == 0
+  assert _metrics(w)[-1]["step"] == step + 2
 
 
 # Params and masks sharded over a 'model' axis that spans both processes.
