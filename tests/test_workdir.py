@@ -21,6 +21,7 @@ for _module in ("flax", "grain", "orbax.checkpoint", "tqdm", "matplotlib"):
 from sparseopt_jax.training import presets, train  # noqa: E402
 from sparseopt_jax.training import workdir as workdir_lib  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Static masks and a tiny model: what is tested here is the workdir, not the optimizer.
 FLAGS = [
     "--model",
@@ -348,10 +349,9 @@ def test_compare_script_keeps_earlier_results(tmp_path):
   (runs / "baseline").mkdir(parents=True)
   (runs / "baseline" / "metrics.jsonl").write_text("{}\n")
   (runs / "compare.png").write_text("png")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, "RUNS_DIR": str(runs), "SPARSEOPT_TRAIN": "true"}
   done = subprocess.run(
-      ["bash", os.path.join(root, "scripts", "compare.sh")],
+      ["bash", os.path.join(ROOT, "scripts", "compare.sh")],
       env=env,
       capture_output=True,
       text=True,
@@ -422,10 +422,9 @@ def test_a_failed_checkpoint_stops_the_run_in_one_line_and_resume_recovers(
   assert (
       _status(["--workdir", w, "--steps", "6", "--stop-at", "2", *FLAGS]) == 0
   )
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {
       **os.environ,
-      "PYTHONPATH": root,
+      "PYTHONPATH": ROOT,
       "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
   }
   done = subprocess.run(
@@ -450,12 +449,11 @@ def test_a_failed_checkpoint_stops_the_run_in_one_line_and_resume_recovers(
 
 def test_distributed_outside_a_cluster_names_the_flags_to_pass(tmp_path):
   # A fresh process: jax.distributed.initialize must come before any computation.
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   w = str(tmp_path / "w")
   done = subprocess.run(
       [sys.executable, "-m", "sparseopt_jax.training.train"]
       + ["--workdir", w, "--distributed"],
-      env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"},
+      env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
       capture_output=True,
       text=True,
       timeout=120,
