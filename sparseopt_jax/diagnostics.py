@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -188,6 +189,9 @@ def neuron_grad_stats(
   return kept, ms
 
 
+# Jitted: called eagerly, as from skew_slope, its two dozen small ops would each
+# be dispatched (and compiled for each new shape) one by one.
+@functools.partial(jax.jit, static_argnames="neuron_axis")
 def leaf_skew_slope(
     grad: jax.Array, mask: jax.Array, neuron_axis: int | tuple[int, ...] = -1
 ) -> jax.Array:

@@ -53,12 +53,17 @@ def _grads(params, i):
   )
 
 
+def _jit_step(tx, **extra):
+  """``(params, state, grads) -> (params, state)``, jitted as a training loop's."""
+  return jax.jit(
+      lambda p, s, g: so.apply_updates(p, *tx.update(g, s, p, **extra))
+  )
+
+
 def _run(tx, params, steps=5, **extra):
   state = tx.init(params)
   params = so.apply_masks(params, state)
-  step = jax.jit(
-      lambda p, s, g: so.apply_updates(p, *tx.update(g, s, p, **extra))
-  )
+  step = _jit_step(tx, **extra)
   for i in range(steps):
     params, state = step(params, state, _grads(params, i))
   return params, state
@@ -118,16 +123,13 @@ def test_gradient_accumulation_equals_the_mean_gradient(inner):
   params = _params()
   s_acc, s_plain = accumulated.init(params), plain.init(params)
   p_acc = p_plain = so.apply_masks(params, s_plain)
+  step_acc, step_plain = _jit_step(accumulated), _jit_step(plain)
   for step in range(4):
     micro = [_grads(p_plain, 10 * step + i) for i in range(k)]
     for g in micro:
-      p_acc, s_acc = so.apply_updates(
-          p_acc, *accumulated.update(g, s_acc, p_acc)
-      )
+      p_acc, s_acc = step_acc(p_acc, s_acc, g)
     mean = jax.tree.map(lambda *g: sum(g) / k, *micro)
-    p_plain, s_plain = so.apply_updates(
-        p_plain, *plain.update(mean, s_plain, p_plain)
-    )
+    p_plain, s_plain = step_plain(p_plain, s_plain, mean)
   chex.assert_trees_all_close(p_acc, p_plain, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_equal(so.get_masks(s_acc), so.get_masks(s_plain))
   _no_drift(p_acc, s_acc)
@@ -155,10 +157,15 @@ def test_a_bare_parabola_minimises_as_with_the_inner_optimizer_alone(inner):
   loss = lambda x: jnp.sum((x - target) ** 2)
   results = []
   for tx in (_sparse(inner, 0.1), INNER[inner](0.1)):
-    x, state = jnp.zeros(3), tx.init(jnp.zeros(3))
-    for _ in range(300):
+
+    def step(x, state, tx=tx):
       updates, state = tx.update(jax.grad(loss)(x), state, x)
-      x = optax.apply_updates(x, updates)
+      return optax.apply_updates(x, updates), state
+
+    x, state = jnp.zeros(3), tx.init(jnp.zeros(3))
+    step = jax.jit(step)
+    for _ in range(300):
+      x, state = step(x, state)
     results.append(x)
   chex.assert_trees_all_equal(results[0], results[1])
   if inner in (

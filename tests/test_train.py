@@ -116,6 +116,7 @@ def test_cifar100_tfds_path_under_mock_data(tmp_path):
 
   cfg = presets.get_preset(
       "cifar100_resnet20",
+      model="resnet8",  # the TFDS path is the subject, not the model
       width=4,
       steps=3,
       batch_size=16,
