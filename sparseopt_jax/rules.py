@@ -18,6 +18,7 @@ dropped may be regrown.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,30 @@ def row_counts(k: jax.Array, rows: int, seed: jax.Array) -> jax.Array:
   return k // rows + extra
 
 
+def drop_and_grow_leaves(
+    active: Sequence[jax.Array],
+    weight: Sequence[jax.Array],
+    grow_score: Sequence[jax.Array],
+    count: Sequence[jax.Array],
+    kmax: Sequence[int],
+    drop_keys: Sequence[jax.Array],
+    grow_keys: Sequence[jax.Array],
+) -> list[jax.Array]:
+  """:func:`drop_and_grow` of several leaves, as two selections over all of them.
+
+  The drops of every leaf are one :func:`~sparseopt_jax.selection.select_leaves`,
+  the growths another: the program's size does not grow with the leaves.
+  """
+  dropped = selection.select_leaves(
+      [-jnp.abs(w) for w in weight], active, count, kmax, drop_keys
+  )
+  kept = [a & ~d for a, d in zip(active, dropped, strict=True)]
+  grown = selection.select_leaves(
+      grow_score, [~k for k in kept], count, kmax, grow_keys
+  )
+  return [k | g for k, g in zip(kept, grown, strict=True)]
+
+
 def drop_and_grow(
     active: jax.Array,
     weight: jax.Array,
@@ -80,9 +105,13 @@ def drop_and_grow(
   ``kmax`` must not exceed any row's active or inactive weights
   (:func:`row_kmax` sees to it): then both selections find their count.
   """
-  dropped = selection.select_rows(
-      -jnp.abs(weight), active, count, kmax, drop_keys
+  (new,) = drop_and_grow_leaves(
+      [active],
+      [weight],
+      [grow_score],
+      [count],
+      [kmax],
+      [drop_keys],
+      [grow_keys],
   )
-  kept = active & ~dropped
-  grown = selection.select_rows(grow_score, ~kept, count, kmax, grow_keys)
-  return kept | grown
+  return new

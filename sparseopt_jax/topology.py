@@ -127,8 +127,20 @@ class _LeafPlan(NamedTuple):
   kmax: int
 
 
-def _leaf_next_mask(mask, weight, grad, seeds, k, plan, grow_random):
-  """The leaf's mask after dropping and growing ``k`` weights, row by row."""
+class _RowInputs(NamedTuple):
+  """One leaf's drop-and-grow inputs on its row view (:mod:`sparseopt_jax.rules`)."""
+
+  active: jax.Array
+  weight: jax.Array
+  grow_score: jax.Array
+  count: jax.Array
+  kmax: int
+  drop_keys: jax.Array
+  grow_keys: jax.Array
+
+
+def _row_inputs(mask, weight, grad, seeds, k, plan, grow_random) -> _RowInputs:
+  """The leaf's row view, scores, counts and tie keys for dropping and growing ``k``."""
   lay = plan.lay
   rows = lambda x: structure_lib.to_rows(_gathered(x), lay)
   keys = lambda seed: rows(
@@ -138,7 +150,7 @@ def _leaf_next_mask(mask, weight, grad, seeds, k, plan, grow_random):
     grow_score = keys(seeds[2])  # uint32: a random order
   else:
     grow_score = jnp.abs(rows(grad).astype(jnp.float32))
-  new = rules.drop_and_grow(
+  return _RowInputs(
       rows(mask),
       rows(weight).astype(jnp.float32),
       grow_score,
@@ -147,9 +159,41 @@ def _leaf_next_mask(mask, weight, grad, seeds, k, plan, grow_random):
       keys(seeds[0]),
       keys(seeds[1]),
   )
-  out = structure_lib.from_rows(new, lay)
+
+
+def _from_row_view(new, mask, plan):
+  """The leaf's mask from its row view, laid out (and sharded) as ``mask`` is."""
+  out = structure_lib.from_rows(new, plan.lay)
   spec = _explicit_spec(mask)
   return out if spec is None else jax.sharding.reshard(out, spec)
+
+
+# How many weights one selection takes at most: the leaves of a mask update are
+# selected together in groups of about this size, so that its program holds a
+# few loops rather than four per leaf, while the keys it holds at once (about
+# 13 bytes a weight) stay a bounded working set on a large model.
+GROUP_WEIGHTS = 1 << 24
+
+
+def _groups(sizes: list[int], budget: int = GROUP_WEIGHTS) -> list[list[int]]:
+  """Consecutive indices of ``sizes``, split where a group would pass ``budget``."""
+  groups, total = [], 0
+  for i, n in enumerate(sizes):
+    if not groups or total + n > budget:
+      groups.append([])
+      total = 0
+    groups[-1].append(i)
+    total += n
+  return groups
+
+
+def _drop_and_grow_all(inputs: list[_RowInputs]) -> list[jax.Array]:
+  """:func:`rules.drop_and_grow_leaves` over ``inputs``, a group of leaves at a time."""
+  out = []
+  for group in _groups([x.active.size for x in inputs]):
+    fields = zip(*(inputs[i] for i in group), strict=True)
+    out += rules.drop_and_grow_leaves(*map(list, fields))
+  return out
 
 
 def _pack(mask: Any, xp: Any = jnp) -> Any:
@@ -159,11 +203,19 @@ def _pack(mask: Any, xp: Any = jnp) -> Any:
 
 
 def _all_finite(*trees: Any) -> jax.Array:
-  return jnp.all(
-      jnp.stack(
-          [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
-      )
-  )
+  """Whether every entry of every leaf is finite: one bool scalar.
+
+  The per-leaf counts meet in a square root, which XLA treats as expensive
+  and so computes once: a cheap-looking chain of scalar ops over all leaves
+  would be copied into every fusion that reads the flag (one or more per
+  sparse leaf), and was most of the mask update's program.
+  """
+  bad = [
+      jnp.sum(~jnp.isfinite(x), dtype=jnp.float32)
+      for t in trees
+      for x in jax.tree.leaves(t)
+  ]
+  return jnp.sqrt(sum(bad)) == 0
 
 
 def _where(pred: jax.Array, new: Any, old: Any) -> Any:
@@ -404,16 +456,19 @@ def _next_masks(cfg, sched, grow_random, state, params, grads, apply):
   )
   # Flattened like the masks: a MaskedNode (another multi_transform branch's leaf) counts.
   flat = lambda tree: jax.tree.leaves(tree, is_leaf=tree_lib.is_none)
-  new = []
+  new = [m for _, m in paths_masks]
+  moving, inputs = [], []
   for i, ((p, m), w, g) in enumerate(
       zip(paths_masks, flat(params), flat(grads), strict=True)
   ):
     plan = None if tree_lib.is_none(m) else plans.get(tree_lib.path_str(p))
     if plan is None or plan.kmax <= 0:  # dense, or nothing can move
-      new.append(m)
       continue
     k = jnp.floor(f_t * plan.n_active).astype(jnp.int32)
-    new.append(_leaf_next_mask(m, w, g, seeds[i], k, plan, grow_random))
+    moving.append((i, plan))
+    inputs.append(_row_inputs(m, w, g, seeds[i], k, plan, grow_random))
+  for (i, plan), rows in zip(moving, _drop_and_grow_all(inputs), strict=True):
+    new[i] = _from_row_view(rows, new[i], plan)
   treedef = jax.tree.structure(state.masks, is_leaf=tree_lib.is_none)
   apply = apply & _all_finite(params, grads)
   masks = _where(apply, jax.tree.unflatten(treedef, new), state.masks)

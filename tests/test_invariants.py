@@ -64,22 +64,29 @@ NUM_STEPS = 9
 @st.composite
 def selection_cases(draw):
   rows = draw(st.integers(1, 4))
-  n = draw(st.integers(1, 12))
-  kmax = draw(st.integers(1, n))
-  # Few distinct values: exact ties at the threshold are the common case.
-  score = draw(
-      st.lists(
-          st.sampled_from([-1.0, 0.0, 0.5, 2.0]),
-          min_size=rows * n,
-          max_size=rows * n,
+  # Short rows, and rows of one or more chunks of the packed form (the last
+  # one partly padding).
+  n = draw(
+      st.one_of(
+          st.integers(1, 12),
+          st.integers(selection.CHUNK - 8, 2 * selection.CHUNK + 8),
       )
   )
-  cand = draw(st.lists(st.booleans(), min_size=rows * n, max_size=rows * n))
+  kmax = draw(st.integers(1, n))
+  # Few distinct values: exact ties at the threshold are the common case. A
+  # long row repeats a drawn pattern (hypothesis draws at most 48 values).
+  size = min(rows * n, 48)
+  score = draw(
+      st.lists(
+          st.sampled_from([-1.0, 0.0, 0.5, 2.0]), min_size=size, max_size=size
+      )
+  )
+  cand = draw(st.lists(st.booleans(), min_size=size, max_size=size))
   count = draw(st.lists(st.integers(-1, n + 2), min_size=rows, max_size=rows))
   seed = draw(st.integers(0, 2**32 - 1))
   return (
-      np.array(score, np.float32).reshape(rows, n),
-      np.array(cand).reshape(rows, n),
+      np.resize(np.array(score, np.float32), (rows, n)),
+      np.resize(np.array(cand), (rows, n)),
       np.array(count, np.int32),
       kmax,
       seed,
@@ -102,6 +109,24 @@ def test_select_rows_takes_exactly_min_count_kmax_best_candidates(case):
     if want and (cand[i] & ~chosen[i]).any():
       # Nothing left behind scores above anything taken.
       assert score[i][cand[i] & ~chosen[i]].max() <= score[i][chosen[i]].min()
+
+
+@hypothesis.settings(max_examples=15)  # two programs to compile an example
+@hypothesis.given(st.lists(selection_cases(), min_size=1, max_size=4))
+def test_leaves_selected_together_match_each_row_selected_alone(cases):
+  """select_leaves packs long rows of all leaves into one array: the same choice."""
+  score, cand, count, kmax, seeds = map(list, zip(*cases))
+  keys = [
+      selection.hash_keys(x.size, np.uint32(seed)).reshape(x.shape)
+      for x, seed in zip(score, seeds)
+  ]
+  count = [np.clip(c, 0, k) for c, k in zip(count, kmax)]
+  together = jax.jit(selection.select_leaves, static_argnums=3)(
+      score, cand, count, tuple(kmax), keys
+  )
+  by_row = jax.jit(selection._select_by_leaf)(score, cand, count, keys)
+  for a, b in zip(together, by_row, strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 @hypothesis.given(
