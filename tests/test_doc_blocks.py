@@ -26,15 +26,15 @@ def python_blocks(path: pathlib.Path) -> list[str]:
 # same transforms; `pytest -m slow` runs these.
 SLOW = {"getting_started.md", "transforms.md", "flax.md", "layernorm.md"}
 WITH_CODE = [
-    pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW else p
+    pytest.param(p, marks=pytest.mark.slow, id=p.name)
+    if p.name in SLOW
+    else pytest.param(p, id=p.name)
     for p in PAGES
     if python_blocks(p)
 ]
 
 
-@pytest.mark.parametrize(
-    "page", WITH_CODE, ids=lambda p: p.name if hasattr(p, "name") else None
-)
+@pytest.mark.parametrize("page", WITH_CODE)
 def test_page_code_blocks_run(page):
   blocks = python_blocks(page)
   if any("flax" in b for b in blocks):
