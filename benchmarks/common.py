@@ -44,6 +44,8 @@ from sparseopt_jax.skew import SKEW_MODES
 from sparseopt_jax.topology import TOPOLOGIES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The checkout: paths inside it are recorded relative to it (see recorded_args).
+ROOT = os.path.dirname(HERE)
 # Where the result JSONs and figures the README shows live (``--out`` default).
 RESULTS_DIR = os.path.join(HERE, "results")
 # ``--skew none`` on the command line is ``skew=None`` (no correction).
@@ -226,8 +228,24 @@ def results_header(
   }
   if args is not None:
     header["smoke"] = bool(getattr(args, "smoke", False))
-    header["args"] = vars(args)
+    header["args"] = recorded_args(args)
   return header
+
+
+def recorded_args(args: argparse.Namespace) -> dict:
+  """``vars(args)`` with every path inside the checkout made relative to it.
+
+  A result file is read on other machines: ``--out``'s default, an absolute
+  path, would say only where one machine keeps its checkout.
+  """
+  recorded = {}
+  for name, value in vars(args).items():
+    if isinstance(value, str) and os.path.isabs(value):
+      path = os.path.abspath(value)
+      if os.path.commonpath([path, ROOT]) == ROOT:
+        value = os.path.relpath(path, ROOT)
+    recorded[name] = value
+  return recorded
 
 
 def write_json(results: dict, path: str, indent: int = 1) -> str:

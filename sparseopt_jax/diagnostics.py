@@ -66,12 +66,14 @@ def sparsity_summary(
   """Host-side summary of an optimizer state's masks, and of the params if given.
 
   Returns:
-    ``{"sparsity": fraction of zeros the masks prescribe over all sparse leaves,
-       "params_sparsity": fraction of exact zeros of ``params`` over the same
-                          leaves (None without ``params``): below ``sparsity``
+    A dict::
+
+      {"sparsity": fraction of zeros the masks prescribe over all sparse leaves,
+       "params_sparsity": fraction of exact zeros of params over the same
+                          leaves (None without params): below sparsity
                           when pruned weights drifted from 0,
-       "pruned_nonzero": pruned weights of ``params`` that are not 0.0 (None
-                         without ``params``; see :func:`check_sparsity`),
+       "pruned_nonzero": pruned weights of params that are not 0.0 (None
+                         without params; see check_sparsity),
        "exploration": fraction of sparse weights ever active since init
                       (None without a topology stage),
        "missed_mask_updates": due steps on which the masks were not updated
@@ -79,12 +81,12 @@ def sparsity_summary(
                               flag out of step with the schedule; None without
                               a topology stage),
        "unremasked_mask_updates": mask updates whose optimizer state was not
-                                  re-masked (``apply_updates(...,
-                                  mask_update=False)`` after a changing
+                                  re-masked (apply_updates(...,
+                                  mask_update=False) after a changing
                                   update; None without a topology stage),
        "density_spread": mean over leaves of std(d_i) / mean(d_i),
        "leaves": {path: {"size", "active", "sparsity", "density_min",
-                         "density_median", "density_max"[, "pruned_nonzero"]}}}``
+                         "density_median", "density_max"[, "pruned_nonzero"]}}}
   """
   # One read of the masks and params, then numpy: per-leaf eager jax ops
   # would compile a program for every leaf shape, on every call.

@@ -239,9 +239,9 @@ def ln_leaves(model: nn.Module, sample_input, **call_kwargs) -> dict[str, int]:
     **call_kwargs: forwarded to ``model.init``.
 
   Returns:
-    ``{kernel path: k}``, e.g. ``{'block0/attn/query/kernel': 1,
-    'block0/attn/key/kernel': 1, ...}`` for a ViT with QK-norm; ``{}`` for a
-    plain pre-LN ViT.
+    A dict from kernel path to k, e.g. for a ViT with QK-norm
+    ``{'block0/attn/query/kernel': 1, 'block0/attn/key/kernel': 1, ...}``;
+    ``{}`` for a plain pre-LN ViT.
 
   Raises:
     ValueError: if a kernel feeds two norms with different groups, or a norm
