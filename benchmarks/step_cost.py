@@ -94,13 +94,13 @@ class ModelSpec:
   width: int | None = None
 
 
-# The two settings, on the paper's presets (float32 on CPU: bfloat16
+# Two settings, on the paper's presets (float32 on CPU: bfloat16
 # convolutions are emulated there and would time the emulation, not SparseOpt).
 MODELS = {
     "resnet20": ModelSpec("cifar100_resnet20", (32, 32, 3), 100, 128),
     "resnet50": ModelSpec("imagenet_resnet50", (224, 224, 3), 1000, 32),
 }
-# The CPU setting for ResNet-50: what a new user tries on a laptop.
+# ResNet-50 at a size a CPU steps in under a second: what a new user tries on a laptop.
 MODELS["resnet50_64"] = ModelSpec("imagenet_resnet50", (64, 64, 3), 1000, 8)
 SMOKE = {
     "resnet20": ModelSpec("cifar100_resnet20", (16, 16, 3), 10, 8, width=4),

@@ -118,8 +118,11 @@ def main_job() -> str:
   steps = [s for s, _ in curve["baseline"]]
   acc = {k: dict(v) for k, v in curve.items()}
   rows = [[s, pct(acc["baseline"][s]), pct(acc["sparseopt"][s])] for s in steps]
-  o = other["final"]
-  o150 = {k: dict(v)[150] for k, v in other["curve"].items()}
+  other_acc = {k: dict(v) for k, v in other["curve"].items()}
+  other_rows = [
+      [s, pct(other_acc["baseline"][s]), pct(other_acc["sparseopt"][s])]
+      for s in sorted(other_acc["baseline"])
+  ]
   return f"""# The main job
 
 `bash scripts/compare.sh` trains the `fashion_mnist_resnet20` preset twice
@@ -137,13 +140,14 @@ Plot: `benchmarks/results/main_job/compare.png`.
 
 ## Across machines
 
-The same command on a machine with AMD EPYC cores:
+The same command on a machine with AMD EPYC cores, recorded by
+`python benchmarks/main_job.py --tag _amd_epyc` (which runs it and keeps its
+metrics files beside the JSON):
 
 {provenance(other, "main_job/main_job_amd_epyc.json")}
-{table(["", "RigL 90% (baseline)", "SparseOpt (density)"], [
-      ["final (step 300)", pct(o["baseline"]["test_accuracy"]), pct(o["sparseopt"]["test_accuracy"])],
-      ["step 150", pct(o150["baseline"]), pct(o150["sparseopt"])],
-  ])}
+{table(["step", "RigL 90% (baseline)", "SparseOpt (density)"], other_rows)}
+Plot: `benchmarks/results/main_job/compare_amd_epyc.png`.
+
 A run is bit-reproducible for one seed on one machine, not across CPUs: XLA
 compiles reductions (sums in convolutions, means in BatchNorm) to a different
 order on different CPUs, the last bits of the float32 results differ, and a
