@@ -62,7 +62,14 @@ import sparseopt_jax as so
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import machine_info, save_figure, save_results  # noqa: E402
+from common import (  # noqa: E402
+    cell,
+    pyplot,
+    results_header,
+    sample_std,
+    save_figure,
+    save_results,
+)
 
 SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9)
 # SparseOpt's Figure 3 (MNIST, two-layer MLP), read from the paper.
@@ -202,9 +209,7 @@ def run(args) -> dict:
       for key in per_seed[0]:
         values = np.array([p[key] for p in per_seed])
         row[key] = float(values.mean())
-        row[f"{key}_std"] = (
-            float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        )
+        row[f"{key}_std"] = sample_std(values)
       row["theory"] = 1.0 / math.sqrt(1.0 - s)
       paper = PAPER["bn" if batch_norm else "no_bn"]
       row["paper"] = paper[SPARSITIES.index(s)] if s in SPARSITIES else None
@@ -230,7 +235,6 @@ def run(args) -> dict:
 def table(rows: list[dict]) -> str:
   bn = {r["sparsity"]: r for r in rows if r["batch_norm"]}
   no_bn = {r["sparsity"]: r for r in rows if not r["batch_norm"]}
-  fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
   lines = [
       (
           "| sparsity | with BN (here) | with BN (paper) | theory 1/sqrt(1-s) |"
@@ -243,8 +247,8 @@ def table(rows: list[dict]) -> str:
     b, n = bn[s], no_bn[s]
     lines.append(
         f"| {s:.1f} | {b['ratio']:.2f} ± {b['ratio_std']:.2f} |"
-        f" {fmt(b['paper'])} | {b['theory']:.2f} |"
-        f" {n['ratio']:.2f} ± {n['ratio_std']:.2f} | {fmt(n['paper'])} |"
+        f" {cell(b['paper'], '{:.2f}')} | {b['theory']:.2f} | {n['ratio']:.2f}"
+        f" ± {n['ratio_std']:.2f} | {cell(n['paper'], '{:.2f}')} |"
         f" {b['ratio_density']:.2f} | {b['ratio_sqrt_d']:.2f} |"
         f" {b['skew_slope_raw']:+.2f} / {b['skew_slope_density']:+.2f} |"
     )
@@ -252,11 +256,7 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(results: dict, path: str) -> str:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = pyplot()
   rows = results["rows"]
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   s_fine = np.linspace(0.0, max(r["sparsity"] for r in rows), 100)
@@ -342,10 +342,11 @@ def parse(argv):
 
 
 def main(argv=None) -> dict:
-  args = parse(sys.argv[1:] if argv is None else argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parse(argv)
   t = time.perf_counter()
   results = {
-      "machine": machine_info(),
+      **results_header("premise", argv),
       "config": {
           k: v for k, v in vars(args).items() if k not in ("out", "name")
       },

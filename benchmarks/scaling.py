@@ -76,14 +76,15 @@ import jax
 import numpy as np
 
 import sparseopt_jax as so
-from sparseopt_jax import tree as tree_lib
-from sparseopt_jax.training import input as input_lib
 from sparseopt_jax.training import presets, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402  (benchmarks/ is not a package)
+    BN_SKEW_MODES,
     add_seed_and_data,
     add_sparse_options,
+    by_path,
+    data_and_setup,
     fill_defaults,
     log,
     machine_info,
@@ -97,7 +98,6 @@ from common import (  # noqa: E402  (benchmarks/ is not a package)
 )
 
 PRESET = "fashion_mnist_resnet20"
-BN_SKEW_MODES = ("density", "bn")  # the corrections for a BatchNorm ResNet
 RTOL, ATOL = 1e-4, 1e-5
 # First step, largest per-leaf ||params_N - params_1|| / ||update_1||. Measured on ResNet-20 /
 # Fashion-MNIST, 32 images per device: float rounding gives 4e-5..3e-4 (a 1-ulp perturbation of
@@ -125,10 +125,7 @@ def snapshot(state: train.TrainState) -> dict:
 
 
 def _by_path(tree) -> dict[str, np.ndarray]:
-  return {
-      tree_lib.path_str(p): np.asarray(x, np.float64)
-      for p, x in jax.tree_util.tree_leaves_with_path(tree)
-  }
+  return {p: np.asarray(x, np.float64) for p, x in by_path(tree).items()}
 
 
 def compare(a: dict, b: dict, before: dict | None = None) -> dict:
@@ -521,13 +518,8 @@ def main(argv: list[str] | None = None) -> dict:
   )
   machine = machine_info()  # load average and date at the start
   t_start = time.perf_counter()
-  dataset = input_lib.load(
-      cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset
-  )
-  setup = train.make_setup(
-      cfg, dataset.info, dataset.steps_per_epoch(cfg.batch_size)
-  )
-  end_step = int(cfg.end_fraction * setup.num_steps)
+  dataset, setup = data_and_setup(cfg)
+  end_step = setup.end_step
   host_init = jax.device_get(
       train.create_train_state(setup, dataset.info.image_shape)
   )

@@ -47,7 +47,6 @@ import math
 import os
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,13 +55,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sparseopt_jax as so
-from sparseopt_jax.training import input as input_lib
 from sparseopt_jax.training import presets, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402  (benchmarks/ is not a package)
+    BN_SKEW_MODES,
     add_seed_and_data,
     add_sparse_options,
+    by_path,
+    data_and_setup,
     fill_defaults,
     log,
     machine_info,
@@ -75,7 +76,6 @@ from common import (  # noqa: E402  (benchmarks/ is not a package)
 )
 
 PRESET = "fashion_mnist_resnet20"
-BN_SKEW_MODES = ("density", "bn")  # the corrections for a BatchNorm ResNet
 PROBE_SEED_OFFSET = (
     7919  # the probe batches come from a stream seeded apart from training
 )
@@ -141,9 +141,10 @@ def make_neuron_probe(setup: train.Setup):
         "ms_raw": {},
         "ms_corrected": {},
     }
-    g_by = dict(_by_path(grads))
-    c_by = dict(_by_path(fixed))
-    for path, m in _by_path(masks):
+    g_by, c_by = by_path(grads), by_path(fixed)
+    for path, m in by_path(masks).items():
+      if m is None:  # a dense leaf
+        continue
       kept, ms = per_neuron_ms(g_by[path], m)
       _, ms_c = per_neuron_ms(c_by[path], m)
       out["kept"][path] = kept
@@ -153,18 +154,6 @@ def make_neuron_probe(setup: train.Setup):
     return out
 
   return probe
-
-
-def _by_path(tree) -> list[tuple[str, Any]]:
-  from sparseopt_jax import tree as tree_lib
-
-  return [
-      (tree_lib.path_str(p), x)
-      for p, x in jax.tree_util.tree_leaves_with_path(
-          tree, is_leaf=tree_lib.is_none
-      )
-      if x is not None
-  ]
 
 
 # ---------------------------------------------------------------------------
@@ -500,13 +489,8 @@ def main(argv: list[str] | None = None) -> dict:
   t_start = time.perf_counter()
   mesh = train.make_mesh(args.devices)
   train.check_batch_size(cfg.batch_size, mesh)
-  dataset = input_lib.load(
-      cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset
-  )
-  setup = train.make_setup(
-      cfg, dataset.info, dataset.steps_per_epoch(cfg.batch_size)
-  )
-  end_step = int(cfg.end_fraction * setup.num_steps)
+  dataset, setup = data_and_setup(cfg)
+  end_step = setup.end_step
   replicated = NamedSharding(mesh, P())
   state = jax.device_put(
       train.create_train_state(setup, dataset.info.image_shape), replicated

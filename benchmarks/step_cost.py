@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import os
 import statistics
 import sys
@@ -66,6 +67,7 @@ from common import (  # noqa: E402  (benchmarks/ is not a package)
     log,
     machine_info,
     make_parser,
+    markdown_table,
     pyplot,
     record_end_load,
     save_figure,
@@ -390,6 +392,24 @@ def _median(xs):
   return float(statistics.median(xs))
 
 
+def _paired(f, *series) -> float:
+  """Median over rounds of ``f`` of the arms' times in the same round.
+
+  Pairing a step with the dense step of its own round cancels the load drift
+  that the two medians apart would keep.
+  """
+  return _median([f(*times) for times in zip(*series)])
+
+
+def amortised(ordinary: float, update: float) -> float:
+  """The mean step time when one step in ``DELTA_T`` updates the masks."""
+  return ((DELTA_T - 1) * ordinary + update) / DELTA_T
+
+
+def _amortised_ratio(ordinary: float, update: float, dense: float) -> float:
+  return amortised(ordinary, update) / dense
+
+
 def _interleave(
     arms: dict, run, rounds: int, warmup: int, record: str, label: str, log
 ):
@@ -495,16 +515,16 @@ def bench_model(
       row["compile_ratio_to_dense"] = a.compile_s / dense.compile_s
     if dense is not None:
       row["ratio_to_dense"] = row["median_s"] / _median(dense.times)
-      row["ratio_to_dense_per_round_median"] = _median(
-          [t / d for t, d in zip(a.times, dense.times)]
+      row["ratio_to_dense_per_round_median"] = _paired(
+          operator.truediv, a.times, dense.times
       )
     row["cpu_median_s"] = _median(a.cpu_times)
     row["cpu_times_s"] = a.cpu_times
     if dense is not None:
       # CPU seconds of this process: less sensitive than wall time to other processes
       # taking the cores (though not to their cache and memory-bandwidth use).
-      row["cpu_ratio_to_dense_per_round_median"] = _median(
-          [t / d for t, d in zip(a.cpu_times, dense.cpu_times)]
+      row["cpu_ratio_to_dense_per_round_median"] = _paired(
+          operator.truediv, a.cpu_times, dense.cpu_times
       )
     if a.opt_times:
       row["optimizer_only_compile_s"] = a.opt_compile_s
@@ -514,14 +534,14 @@ def bench_model(
       row["optimizer_only_times_s"] = a.opt_times
       if dense is not None:
         # What the optimizer part adds over dense SGD's, as a fraction of a dense step.
-        row["optimizer_only_extra_s"] = _median(
-            [t - d for t, d in zip(a.opt_times, dense.opt_times)]
+        row["optimizer_only_extra_s"] = _paired(
+            operator.sub, a.opt_times, dense.opt_times
         )
         row["optimizer_only_ratio_estimate"] = 1 + row[
             "optimizer_only_extra_s"
         ] / _median(dense.times)
-        row["optimizer_only_ratio_to_dense"] = _median(
-            [t / d for t, d in zip(a.opt_times, dense.opt_times)]
+        row["optimizer_only_ratio_to_dense"] = _paired(
+            operator.truediv, a.opt_times, dense.opt_times
         )
     out["arms"][arm] = row
 
@@ -558,35 +578,33 @@ def bench_model(
       ordinary, update = _median(arms["rigl"].times), _median(
           arms["rigl_update"].times
       )
-      amortised = ((DELTA_T - 1) * ordinary + update) / DELTA_T
+      amortised_s = amortised(ordinary, update)
       summary.update(
           rigl_update_ratio=update / d,
           rigl_update_ratio_paired=out["arms"]["rigl_update"][
               "ratio_to_dense_per_round_median"
           ],
           rigl_update_extra_s=update - ordinary,
-          rigl_amortised_s=amortised,
-          rigl_amortised_ratio=amortised / d,
-          rigl_amortised_ratio_paired=_median([
-              ((DELTA_T - 1) * o + u) / DELTA_T / x
-              for o, u, x in zip(
-                  arms["rigl"].times, arms["rigl_update"].times, dense.times
-              )
-          ]),
-          rigl_amortised_cpu_ratio_paired=_median([
-              ((DELTA_T - 1) * o + u) / DELTA_T / x
-              for o, u, x in zip(
-                  arms["rigl"].cpu_times,
-                  arms["rigl_update"].cpu_times,
-                  dense.cpu_times,
-              )
-          ]),
+          rigl_amortised_s=amortised_s,
+          rigl_amortised_ratio=amortised_s / d,
+          rigl_amortised_ratio_paired=_paired(
+              _amortised_ratio,
+              arms["rigl"].times,
+              arms["rigl_update"].times,
+              dense.times,
+          ),
+          rigl_amortised_cpu_ratio_paired=_paired(
+              _amortised_ratio,
+              arms["rigl"].cpu_times,
+              arms["rigl_update"].cpu_times,
+              dense.cpu_times,
+          ),
       )
       if arms["rigl"].opt_times:
         o = out["arms"]["rigl"]["optimizer_only_extra_s"]
         u = out["arms"]["rigl_update"]["optimizer_only_extra_s"]
         summary["rigl_amortised_ratio_optimizer_only_estimate"] = (
-            1 + (((DELTA_T - 1) * o + u) / DELTA_T) / d
+            1 + amortised(o, u) / d
         )
     # Pass/fail on the paired ratios (median over rounds of arm / dense in the same round):
     # robust to load drift on a shared machine. Ratios of medians are reported alongside.
@@ -638,96 +656,130 @@ def bench_model(
 # Reporting
 
 
-def markdown(results: dict) -> str:
-  f3 = lambda v: "-" if v is None else f"{v:.3f}"
-  ms = lambda v: "-" if v is None else f"{v * 1e3:.1f}"
-  lines = [
-      (
-          "| model | arm | step | median ms | min ms | x dense SGD (ratio of"
-          " medians) | x dense SGD (paired) | x dense SGD (CPU time, paired) |"
-          " optimizer-only ms | optimizer-only extra ms | x dense SGD"
-          " (optimizer-only est.) |"
-      ),
-      "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-  ]
+def _f3(v) -> str:
+  return "-" if v is None else f"{v:.3f}"
+
+
+def _ms(v) -> str:
+  return "-" if v is None else f"{v * 1e3:.1f}"
+
+
+def _arm_rows(results: dict):
+  """(model, arm, row) for every arm of every model."""
   for model, res in results["models"].items():
     for arm, row in res["arms"].items():
-      kind = "mask update" if "update" in arm else "ordinary"
-      lines.append(
-          f"| {model} | {arm} | {kind} | {ms(row['median_s'])} |"
-          f" {ms(row['min_s'])} | {f3(row.get('ratio_to_dense'))} |"
-          f" {f3(row.get('ratio_to_dense_per_round_median'))} |"
-          f" {f3(row.get('cpu_ratio_to_dense_per_round_median'))} |"
-          f" {ms(row.get('optimizer_only_median_s'))} |"
-          f" {ms(row.get('optimizer_only_extra_s'))} |"
-          f" {f3(row.get('optimizer_only_ratio_estimate'))} |"
-      )
+      yield model, arm, row
+
+
+def _time_rows(results: dict):
+  """The step-time table: each arm, and RigL amortised at Delta-T after a model's arms."""
+  for model, res in results["models"].items():
+    for arm, row in res["arms"].items():
+      yield [
+          model,
+          arm,
+          "mask update" if "update" in arm else "ordinary",
+          _ms(row["median_s"]),
+          _ms(row["min_s"]),
+          _f3(row.get("ratio_to_dense")),
+          _f3(row.get("ratio_to_dense_per_round_median")),
+          _f3(row.get("cpu_ratio_to_dense_per_round_median")),
+          _ms(row.get("optimizer_only_median_s")),
+          _ms(row.get("optimizer_only_extra_s")),
+          _f3(row.get("optimizer_only_ratio_estimate")),
+      ]
     s = res["summary"]
     if "rigl_amortised_s" in s:
-      lines.append(
-          f"| {model} | rigl | amortised, Delta-T={DELTA_T} |"
-          f" {ms(s['rigl_amortised_s'])} | - | {f3(s['rigl_amortised_ratio'])}"
-          f" | {f3(s['rigl_amortised_ratio_paired'])} |"
-          f" {f3(s['rigl_amortised_cpu_ratio_paired'])} | - | - |"
-          f" {f3(s.get('rigl_amortised_ratio_optimizer_only_estimate'))} |"
-      )
-  lines += [
-      "",
-      (
-          "| model | arm | params | opt-state bytes / weight | mask bytes /"
-          " sparse weight | exploration bytes / sparse weight | sparse weights"
-          " | realised sparsity |"
-      ),
-      "|---|---|---:|---:|---:|---:|---:|---:|",
-  ]
-  for model, res in results["models"].items():
-    for arm, row in res["arms"].items():
-      m = row.get("mask_bytes_per_sparse_weight")
-      e = row.get("exploration_bytes_per_sparse_weight")
-      sp = row.get("realised_sparsity")
-      lines.append(
-          f"| {model} | {arm} | {row['params']:,} |"
-          f" {row['opt_state_bytes_per_weight']:.3f} |"
-          f" {'-' if m is None else f'{m:.3f}'} |"
-          f" {'-' if e is None else f'{e:.3f}'} |"
-          f" {row.get('sparse_weights', '-')} |"
-          f" {'-' if sp is None else f'{sp:.4f}'} |"
-      )
-  lines += [
-      "",
-      (
-          "| model | arm | variant | compile s | x dense | step HLO lines |"
-          " conditionals | optimizer-only HLO lines | optimizer-only fusions |"
-          " opt-state leaves | optimizer-only x dense (paired) |"
-      ),
-      "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-  ]
-  for model, res in results["models"].items():
-    for arm, row in res["arms"].items():
-      oh = row.get("optimizer_only_hlo") or {}
-      variant = {None: "in-graph cond", False: "ordinary", True: "mask update"}[
-          row.get("mask_update")
+      yield [
+          model,
+          "rigl",
+          f"amortised, Delta-T={DELTA_T}",
+          _ms(s["rigl_amortised_s"]),
+          "-",
+          _f3(s["rigl_amortised_ratio"]),
+          _f3(s["rigl_amortised_ratio_paired"]),
+          _f3(s["rigl_amortised_cpu_ratio_paired"]),
+          "-",
+          "-",
+          _f3(s.get("rigl_amortised_ratio_optimizer_only_estimate")),
       ]
-      lines.append(
-          f"| {model} | {arm} | {variant} | {row['compile_s']:.2f} |"
-          f" {f3(row.get('compile_ratio_to_dense'))} |"
-          f" {row['step_hlo']['hlo_lines']} | {row['step_hlo']['conditionals']}"
-          f" | {oh.get('hlo_lines', '-')} | {oh.get('fusions', '-')} |"
-          f" {row['opt_state_leaves']} |"
-          f" {f3(row.get('optimizer_only_ratio_to_dense'))} |"
-      )
-  lines += [
-      "",
-      "| model | eager model.init s | eager tx.init s (RigL 90% ERK) | ratio |",
-      "|---|---:|---:|---:|",
+
+
+def _bytes_row(model: str, arm: str, row: dict) -> list:
+  sp = row.get("realised_sparsity")
+  return [
+      model,
+      arm,
+      f"{row['params']:,}",
+      f"{row['opt_state_bytes_per_weight']:.3f}",
+      _f3(row.get("mask_bytes_per_sparse_weight")),
+      _f3(row.get("exploration_bytes_per_sparse_weight")),
+      row.get("sparse_weights", "-"),
+      "-" if sp is None else f"{sp:.4f}",
   ]
+
+
+def _compile_row(model: str, arm: str, row: dict) -> list:
+  oh = row.get("optimizer_only_hlo") or {}
+  variant = {None: "in-graph cond", False: "ordinary", True: "mask update"}
+  return [
+      model,
+      arm,
+      variant[row.get("mask_update")],
+      f"{row['compile_s']:.2f}",
+      _f3(row.get("compile_ratio_to_dense")),
+      row["step_hlo"]["hlo_lines"],
+      row["step_hlo"]["conditionals"],
+      oh.get("hlo_lines", "-"),
+      oh.get("fusions", "-"),
+      row["opt_state_leaves"],
+      _f3(row.get("optimizer_only_ratio_to_dense")),
+  ]
+
+
+def _init_rows(results: dict):
+  """Eager ``model.init`` against eager ``tx.init``, per model that measured them."""
   for model, res in results["models"].items():
-    i = res.get("init")
-    if i:
-      lines.append(
-          f"| {model} | {i['model_init_eager_s']:.2f} |"
-          f" {i['tx_init_eager_s']:.3f} | {i['tx_init_over_model_init']:.3f} |"
-      )
+    if i := res.get("init"):
+      yield [
+          model,
+          f"{i['model_init_eager_s']:.2f}",
+          f"{i['tx_init_eager_s']:.3f}",
+          f"{i['tx_init_over_model_init']:.3f}",
+      ]
+
+
+def markdown(results: dict) -> str:
+  lines = markdown_table(
+      "| model | arm | step | median ms | min ms | x dense SGD (ratio of"
+      " medians) | x dense SGD (paired) | x dense SGD (CPU time, paired) |"
+      " optimizer-only ms | optimizer-only extra ms | x dense SGD"
+      " (optimizer-only est.) |",
+      _time_rows(results),
+      align="lllrrrrrrrr",
+  )
+  lines += [""]
+  lines += markdown_table(
+      "| model | arm | params | opt-state bytes / weight | mask bytes /"
+      " sparse weight | exploration bytes / sparse weight | sparse weights"
+      " | realised sparsity |",
+      (_bytes_row(*r) for r in _arm_rows(results)),
+      align="llrrrrrr",
+  )
+  lines += [""]
+  lines += markdown_table(
+      "| model | arm | variant | compile s | x dense | step HLO lines |"
+      " conditionals | optimizer-only HLO lines | optimizer-only fusions |"
+      " opt-state leaves | optimizer-only x dense (paired) |",
+      (_compile_row(*r) for r in _arm_rows(results)),
+      align="lllrrrrrrrr",
+  )
+  lines += [""]
+  lines += markdown_table(
+      "| model | eager model.init s | eager tx.init s (RigL 90% ERK) | ratio |",
+      _init_rows(results),
+      align="lrrr",
+  )
   lines += [
       "",
       (
@@ -773,14 +825,14 @@ def markdown(results: dict) -> str:
           f" ({context('amortised')}); mask bytes"
           f" {'PASS' if s.get('pass_mask_bytes') else 'FAIL'}; tx.init <="
           f" {BAR_INIT}x model.init {'PASS' if s.get('pass_init') else 'FAIL'}"
-          f" ({f3(s.get('tx_init_over_model_init'))}); compile <="
+          f" ({_f3(s.get('tx_init_over_model_init'))}); compile <="
           f" {BAR_COMPILE}x {'PASS' if s.get('pass_compile') else 'FAIL'}"
-          f" (ordinary {f3(s.get('compile_ratio_ordinary'))}, update variant"
-          f" {f3(s.get('compile_ratio_update_variant'))}, compiled in the"
+          f" (ordinary {_f3(s.get('compile_ratio_ordinary'))}, update variant"
+          f" {_f3(s.get('compile_ratio_update_variant'))}, compiled in the"
           " background by the training loop); optimizer only <="
           f" {BAR_OPTIMIZER_ONLY}x"
           f" {'PASS' if s.get('pass_optimizer_only') else 'FAIL'}"
-          f" ({f3(s.get('optimizer_only_ratio'))})"
+          f" ({_f3(s.get('optimizer_only_ratio'))})"
       )
   return "\n".join(lines)
 
