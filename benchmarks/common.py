@@ -1,10 +1,10 @@
 """Helpers shared by the benchmark scripts, so that each script reads as its experiment.
 
-A benchmark script imports them after putting ``benchmarks/`` on the path
-(``benchmarks/`` is not a package)::
+A benchmark script imports this module after putting ``benchmarks/`` on the
+path (``benchmarks/`` is not a package)::
 
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from common import ...  # noqa: E402
+  import common  # noqa: E402
 
 and is laid out as
 
@@ -23,7 +23,8 @@ and is laid out as
 * **summaries**: :func:`sample_std` (the spread over seeds),
   :func:`null_if_undefined` (a row's undefined figures as JSON nulls) and
   :func:`cell` (a table cell, a dash where undefined);
-* **figures**: :func:`pyplot` (matplotlib, headless) and :func:`save_figure`.
+* **figures**: :func:`pyplot` (matplotlib, headless), :func:`panel_grid` (a
+  figure of equal panels) and :func:`save_figure`.
 
 Every result JSON records where and when it ran (:func:`machine_info`) and the
 exact command (:func:`command`), so a figure in the README can be traced back
@@ -394,6 +395,16 @@ def pyplot():
   import matplotlib.pyplot as plt
 
   return plt
+
+
+def panel_grid(rows: int, cols: int, width: float, height: float):
+  """A figure of ``rows`` x ``cols`` panels, each ``width`` x ``height`` inches.
+
+  Returns ``(fig, axes)`` with ``axes[row, col]`` 2-D whatever the counts, so
+  that a benchmark with one model or one variant plots as one with several.
+  """
+  figsize = (width * cols, height * rows)
+  return pyplot().subplots(rows, cols, figsize=figsize, squeeze=False)
 
 
 def save_figure(fig, path: str, rect: Sequence[float] | None = None) -> str:

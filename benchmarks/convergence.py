@@ -34,16 +34,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 # benchmarks/ is not a package: common.py is imported from this directory.
+import common  # noqa: E402
 import sweep  # noqa: E402
-from common import (  # noqa: E402
-    cell,
-    null_if_undefined,
-    pyplot,
-    results_header,
-    sample_std,
-    save_figure,
-    write_json,
-)
 
 PRESET = {
     "fashion_mnist": "fashion_mnist_resnet20",
@@ -251,7 +243,7 @@ def summarize(args, runs) -> list[dict]:
         **{k: v for k, v in arm.overrides.items()},
         "seeds": len(arm_runs),
         "acc_mean": 100 * float(final.mean()),
-        "acc_std": 100 * sample_std(final),
+        "acc_std": 100 * common.sample_std(final),
         "final_step": int(steps[-1]),
     }
     for key in (
@@ -277,7 +269,7 @@ def summarize(args, runs) -> list[dict]:
       )
       # Paired per seed: same data order and initial masks.
       diffs = final - b_acc[:, -1]
-      row["paired_delta_std"] = 100 * sample_std(diffs)
+      row["paired_delta_std"] = 100 * common.sample_std(diffs)
       # Constant fan-in is also paired with the corrected unstructured arm, and
       # its corrected arm with its uncorrected one.
       stem = base[: -len("_base")]
@@ -286,14 +278,14 @@ def summarize(args, runs) -> list[dict]:
           diffs = final - curve(runs[other])[1][:, -1]
           key = other[len(stem) + 1 :]
           row[f"delta_vs_{key}"] = 100 * float(diffs.mean())
-          row[f"paired_delta_vs_{key}_std"] = 100 * sample_std(diffs)
+          row[f"paired_delta_vs_{key}_std"] = 100 * common.sample_std(diffs)
     if arm.pair in runs:
       diffs = final - curve(runs[arm.pair])[1][:, -1]
       row["paired_with"] = arm.pair
       row["delta_vs_pair"] = 100 * float(diffs.mean())
-      row["paired_delta_vs_pair_std"] = 100 * sample_std(diffs)
+      row["paired_delta_vs_pair_std"] = 100 * common.sample_std(diffs)
     # Undefined figures (no dense arm, never reached) are null in the JSON, not NaN.
-    rows.append(null_if_undefined(row))
+    rows.append(common.null_if_undefined(row))
   return rows
 
 
@@ -306,25 +298,22 @@ def table(rows: list[dict]) -> str:
   for r in rows:
     lines.append(
         f"| {r['arm']} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} |"
-        f" {cell(r.get('delta_vs_base'), '{:+.2f}')}{cell(r.get('paired_delta_std'), ' ({:.2f})') if 'paired_delta_std' in r else ''}"
-        f" | {cell(r.get('steps_to_base_final_ratio'), '{:.2f}x')} |"
-        f" {cell(r.get('gap_closed'), '{:+.0%}')} |"
-        f" {cell(r.get('skew_slope_raw'), '{:+.2f}')} /"
-        f" {cell(r.get('skew_slope_corrected'), '{:+.2f}')} |"
-        f" {cell(r.get('exploration'), '{:.3f}')} |"
+        f" {common.cell(r.get('delta_vs_base'), '{:+.2f}')}{common.cell(r.get('paired_delta_std'), ' ({:.2f})') if 'paired_delta_std' in r else ''}"
+        f" | {common.cell(r.get('steps_to_base_final_ratio'), '{:.2f}x')} |"
+        f" {common.cell(r.get('gap_closed'), '{:+.0%}')} |"
+        f" {common.cell(r.get('skew_slope_raw'), '{:+.2f}')} /"
+        f" {common.cell(r.get('skew_slope_corrected'), '{:+.2f}')} |"
+        f" {common.cell(r.get('exploration'), '{:.3f}')} |"
     )
   return "\n".join(lines)
 
 
 def plot(args, runs, path: str) -> None:
-  plt = pyplot()
   arms = {a.name: a for a in selected_arms(args)}
   panels = sorted({arms[n].key for n in runs if n != "dense"})
   cols = 2
   nrows = max(1, -(-len(panels) // cols))
-  fig, axes = plt.subplots(
-      nrows, cols, figsize=(6 * cols, 3.6 * nrows), squeeze=False
-  )
+  fig, axes = common.panel_grid(nrows, cols, 6, 3.6)
   for ax, key in zip(axes.flat, panels):
     names = [n for n in runs if n != "dense" and arms[n].key == key] + (
         ["dense"] if "dense" in runs else []
@@ -346,7 +335,7 @@ def plot(args, runs, path: str) -> None:
   fig.suptitle(
       f"Convergence, {args.dataset}: mean ± std over {args.seeds} seeds"
   )
-  save_figure(fig, path)
+  common.save_figure(fig, path)
 
 
 def parse(argv):
@@ -408,8 +397,7 @@ def parse(argv):
 
 
 def main(argv=None) -> dict:
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args = parse(argv)
+  args = parse(argv)  # argparse reads sys.argv for None
   t = time.time()
   if not sweep.run(
       __file__, argv, args, functools.partial(work, args), pin=True
@@ -418,7 +406,7 @@ def main(argv=None) -> dict:
   runs = load_runs(args)
   rows = summarize(args, runs)
   result = {
-      **results_header("convergence", argv),
+      **common.results_header("convergence", argv),
       "wall_time_s": time.time() - t,
       "settings": sweep.settings(args),
       "rows": rows,
@@ -429,7 +417,7 @@ def main(argv=None) -> dict:
   tag = args.name or (
       "convergence" if default else f"convergence_{budget_tag(args)}"
   )
-  write_json(result, os.path.join(args.out, f"{tag}.json"), indent=2)
+  common.write_json(result, os.path.join(args.out, f"{tag}.json"), indent=2)
   plot(args, runs, os.path.join(args.out, f"{tag}.png"))
   print(table(rows))
   return result

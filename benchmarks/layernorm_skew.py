@@ -62,14 +62,7 @@ from sparseopt_jax.training import models
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import (  # noqa: E402
-    by_path,
-    cell,
-    pyplot,
-    results_header,
-    save_figure,
-    save_results,
-)
+import common  # noqa: E402  (benchmarks/ is not a package)
 
 VARIANTS = {
     "pre": dict(norm_position="pre"),
@@ -113,7 +106,7 @@ def designed_distribution(shapes, rng, low=0.02, high=0.5) -> dict:
 
 def per_head_masks(params, masks, rng, low=0.02, high=0.5):
   """``masks`` with each head of every query/key kernel at its own density."""
-  flat = by_path(masks)
+  flat = common.by_path(masks)
   out = {}
   for path, m in flat.items():
     if m is None or role_of(path) not in ("query", "key"):
@@ -217,8 +210,8 @@ def corrections(probe) -> tuple:
 
 def layer_table(grads, masks):
   """Per sparse kernel: (role, log D_l, log RMS gradient per surviving weight)."""
-  g, out = by_path(grads), {}
-  for path, m in by_path(masks).items():
+  g, out = common.by_path(grads), {}
+  for path, m in common.by_path(masks).items():
     if m is None:
       continue
     m = np.asarray(m, bool)
@@ -255,8 +248,8 @@ def neuron_bins(grad, mask, path, bins):
 
 def head_groups(grads, masks) -> dict:
   """QK-norm's groups: per query/key kernel, (log D_h, log RMS over head h)."""
-  g, groups = by_path(grads), {}
-  for path, m in by_path(masks).items():
+  g, groups = common.by_path(grads), {}
+  for path, m in common.by_path(masks).items():
     if m is None or role_of(path) not in ("query", "key"):
       continue
     m = np.asarray(m, bool)
@@ -369,8 +362,8 @@ def measure_variant(variant, args, batch, log) -> dict:
             points[mode],
             layer_table(probe.corrected(grads, masks, mode), masks),
         )
-      g = by_path(grads)
-      for path, m in by_path(masks).items():
+      g = common.by_path(grads)
+      for path, m in common.by_path(masks).items():
         if m is None:
           continue
         x, y = neuron_bins(g[path], m, path, args.bins)
@@ -441,7 +434,7 @@ def measure_variant(variant, args, batch, log) -> dict:
 
 
 def markdown(results: dict) -> str:
-  f = functools.partial(cell, spec="{:+.2f}")  # a slope, or a dash
+  f = functools.partial(common.cell, spec="{:+.2f}")  # a slope, or a dash
   modes = ("none", "density", "layernorm", "layernorm_branch")
   lines = [
       (
@@ -514,11 +507,9 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> str:
-  plt = pyplot()
+  plt = common.pyplot()
   variants = list(results["variants"])
-  fig, axes = plt.subplots(
-      3, len(variants), figsize=(4.2 * len(variants), 10.5), squeeze=False
-  )
+  fig, axes = common.panel_grid(3, len(variants), 4.2, 3.5)
   colors = dict(zip(ROLES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
   for j, v in enumerate(variants):
     r = results["variants"][v]
@@ -582,7 +573,7 @@ def plot(results: dict, path: str) -> str:
       "LayerNorm skew in a sparse ViT (Fashion-MNIST). Rows 1-2: per layer,"
       " each kernel at several densities; row 3: per neuron"
   )
-  return save_figure(fig, path)
+  return common.save_figure(fig, path)
 
 
 def parse_args(argv):
@@ -630,13 +621,12 @@ def parse_args(argv):
 
 
 def main(argv=None) -> dict:
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args = parse_args(argv)
+  args = parse_args(argv)  # argparse reads sys.argv for None
   t0 = time.perf_counter()
   ds = data.load("fashion_mnist", train_subset=args.train_subset)
   batch = next(ds.train_batches(args.batch, seed=args.seed + 1000))
   results = {
-      **results_header("layernorm_skew", argv),
+      **common.results_header("layernorm_skew", argv),
       "config": {k: v for k, v in vars(args).items() if k != "out"},
       "variants": {},
   }
@@ -644,7 +634,9 @@ def main(argv=None) -> dict:
     results["variants"][v] = measure_variant(v, args, batch, print)
   table = markdown(results)
   results["table"] = table
-  json_path, png = save_results(results, args.out, "layernorm_skew", plot, t0)
+  json_path, png = common.save_results(
+      results, args.out, "layernorm_skew", plot, t0
+  )
   print(table)
   print(json_path, png)
   return results

@@ -58,22 +58,7 @@ import sparseopt_jax as so
 from sparseopt_jax.training import presets, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402  (benchmarks/ is not a package)
-    BN_SKEW_MODES,
-    add_seed_and_data,
-    add_sparse_options,
-    by_path,
-    data_and_setup,
-    fill_defaults,
-    log,
-    machine_info,
-    make_parser,
-    pyplot,
-    results_header,
-    save_figure,
-    save_results,
-    skew_value,
-)
+import common  # noqa: E402  (benchmarks/ is not a package)
 
 PRESET = "fashion_mnist_resnet20"
 PROBE_SEED_OFFSET = (
@@ -141,8 +126,8 @@ def make_neuron_probe(setup: train.Setup):
         "ms_raw": {},
         "ms_corrected": {},
     }
-    g_by, c_by = by_path(grads), by_path(fixed)
-    for path, m in by_path(masks).items():
+    g_by, c_by = common.by_path(grads), common.by_path(fixed)
+    for path, m in common.by_path(masks).items():
       if m is None:  # a dense leaf
         continue
       kept, ms = per_neuron_ms(g_by[path], m)
@@ -324,7 +309,7 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> str:
-  plt = pyplot()
+  plt = common.pyplot()
   stages = list(results["stages"])
   if not stages:
     return ""
@@ -411,7 +396,7 @@ def plot(results: dict, path: str) -> str:
       f" step {steps}",
       fontsize=10,
   )
-  return save_figure(fig, path, rect=(0, 0, 1, 0.96))
+  return common.save_figure(fig, path, rect=(0, 0, 1, 0.96))
 
 
 # ---------------------------------------------------------------------------
@@ -419,18 +404,20 @@ def plot(results: dict, path: str) -> str:
 
 
 def parse_args(argv):
-  p = make_parser(__doc__, "skew", smoke="4 steps of batch 16: a tiny run")
+  p = common.make_parser(
+      __doc__, "skew", smoke="4 steps of batch 16: a tiny run"
+  )
   p.add_argument(
       "--steps",
       type=int,
       default=None,
       help="training steps (default 300; smoke 4)",
   )
-  add_sparse_options(
+  common.add_sparse_options(
       p,
       skew="none",
       skew_help="the correction used for training (default none: the baseline)",
-      skew_modes=BN_SKEW_MODES,
+      skew_modes=common.BN_SKEW_MODES,
   )
   p.add_argument("--sparsity", type=float, default=0.9)
   p.add_argument(
@@ -457,19 +444,20 @@ def parse_args(argv):
   p.add_argument(
       "--devices", type=int, default=1, help="devices of the data-parallel mesh"
   )
-  add_seed_and_data(p)
+  common.add_seed_and_data(p)
   return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args = parse_args(argv)
+  args = parse_args(argv)  # argparse reads sys.argv for None
   smoke = args.smoke
-  fill_defaults(args, steps=(300, 4), probe_batches=(4, 2), trace_every=(5, 2))
+  common.fill_defaults(
+      args, steps=(300, 4), probe_batches=(4, 2), trace_every=(5, 2)
+  )
   steps = args.steps
   overrides = dict(
       steps=steps,
-      skew=skew_value(args.skew),
+      skew=common.skew_value(args.skew),
       topology=args.topology,
       sparsity=args.sparsity,
       seed=args.seed,
@@ -485,11 +473,11 @@ def main(argv: list[str] | None = None) -> dict:
     overrides["train_subset"] = 2048
   cfg = presets.get_preset(PRESET, **overrides)
 
-  machine = machine_info()  # load average and date at the start
+  machine = common.machine_info()  # load average and date at the start
   t_start = time.perf_counter()
   mesh = train.make_mesh(args.devices)
   train.check_batch_size(cfg.batch_size, mesh)
-  dataset, setup = data_and_setup(cfg)
+  dataset, setup = common.data_and_setup(cfg)
   end_step = setup.end_step
   replicated = NamedSharding(mesh, P())
   state = jax.device_put(
@@ -527,7 +515,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
     }
 
-  log(
+  common.log(
       f"== skew: {cfg.model} {cfg.sparsity:.0%} {cfg.distribution}"
       f" {cfg.topology} skew={cfg.skew}, {steps} steps of batch"
       f" {cfg.batch_size} on {mesh.devices.size} device(s); {len(sparse_paths)}"
@@ -549,7 +537,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.trace_every and (step % args.trace_every == 0 or step == steps):
       trace.append(trace_point(step))
     if step % 50 == 0 or step == steps:
-      log(
+      common.log(
           f"  step {step}: loss"
           f" {float(np.mean(jax.device_get(losses[-10:]))):.3f}"
           f" ({time.perf_counter() - t0:.0f} s)"
@@ -589,7 +577,7 @@ def main(argv: list[str] | None = None) -> dict:
     stages[stage] = s
   k = min(10, steps)
   results = {
-      **results_header("skew", argv, args, machine),
+      **common.results_header("skew", argv, args, machine),
       "preset": PRESET,
       "config": dataclasses.asdict(cfg),
       "end_step": end_step,
@@ -619,7 +607,7 @@ def main(argv: list[str] | None = None) -> dict:
           "probe_at_init_incl_compile": t_probe,
       },
   }
-  json_path, png_path = save_results(
+  json_path, png_path = common.save_results(
       results, args.out, f"skew{args.tag}", plot, t_start
   )
   print(markdown(results))

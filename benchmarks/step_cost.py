@@ -61,19 +61,7 @@ from sparseopt_jax.training import input as input_lib
 from sparseopt_jax.training import presets, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402  (benchmarks/ is not a package)
-    command,
-    fill_defaults,
-    log,
-    machine_info,
-    make_parser,
-    markdown_table,
-    pyplot,
-    record_end_load,
-    save_figure,
-    timed,
-    write_json,
-)
+import common  # noqa: E402  (benchmarks/ is not a package)
 
 DELTA_T = 100
 BAR_ORDINARY = 1.03
@@ -257,7 +245,7 @@ class Arm:
         info,
         max(1, info.num_train // spec.batch_size),
     )
-    state, self.build_s, _ = timed(
+    state, self.build_s, _ = common.timed(
         train.create_train_state, self.setup, spec.image_shape
     )
     self.bytes = state_bytes(state)
@@ -268,7 +256,7 @@ class Arm:
       state = state.replace(opt_state=_with_step(state.opt_state, 1))
     self.state = jax.device_put(state, NamedSharding(mesh, P()))
     jitted, _, _ = train.jit_steps(self.setup, mesh)
-    self.step, self.compile_s, _ = timed(
+    self.step, self.compile_s, _ = common.timed(
         lambda: jitted.lower(self.state, batch, self.mask_update).compile()
     )
     self.hlo = hlo_stats(self.step)
@@ -282,7 +270,7 @@ class Arm:
 
   def run(self, batch) -> tuple[float, float]:
     """One train step, blocked on: (wall seconds, CPU seconds of this process)."""
-    (self.state, _), wall, cpu = timed(self.step, self.state, batch)
+    (self.state, _), wall, cpu = common.timed(self.step, self.state, batch)
     return wall, cpu
 
   def start_optimizer_only(self, seed: int = 0) -> None:
@@ -320,7 +308,7 @@ class Arm:
         self.state.batch_stats,
     ]
     jitted = jax.jit(opt_step, donate_argnums=(0, 1))
-    self.opt_step, self.opt_compile_s, _ = timed(
+    self.opt_step, self.opt_compile_s, _ = common.timed(
         lambda: jitted.lower(*self.opt_args).compile()
     )
     self.opt_hlo = hlo_stats(self.opt_step)
@@ -328,7 +316,7 @@ class Arm:
 
   def run_optimizer_only(self) -> tuple[float, float]:
     params, opt_state, grads, stats = self.opt_args
-    (params, opt_state), wall, cpu = timed(
+    (params, opt_state), wall, cpu = common.timed(
         self.opt_step, params, opt_state, grads, stats
     )
     self.opt_args = [params, opt_state, grads, stats]
@@ -373,10 +361,10 @@ def init_costs(spec: ModelSpec, dtype: str, seed: int = 0) -> dict[str, float]:
       make_config(spec, ARMS["rigl"][0], dtype), info, 1000
   )
   x = jnp.zeros((1, *spec.image_shape), jnp.float32)
-  variables, model_s, _ = timed(
+  variables, model_s, _ = common.timed(
       setup.model.init, jax.random.PRNGKey(seed), x, train=True
   )
-  _, tx_s, _ = timed(setup.tx.init, variables["params"])
+  _, tx_s, _ = common.timed(setup.tx.init, variables["params"])
   return {
       "model_init_eager_s": model_s,
       "tx_init_eager_s": tx_s,
@@ -750,38 +738,49 @@ def _init_rows(results: dict):
 
 
 def markdown(results: dict) -> str:
-  lines = markdown_table(
-      "| model | arm | step | median ms | min ms | x dense SGD (ratio of"
-      " medians) | x dense SGD (paired) | x dense SGD (CPU time, paired) |"
-      " optimizer-only ms | optimizer-only extra ms | x dense SGD"
-      " (optimizer-only est.) |",
-      _time_rows(results),
-      align="lllrrrrrrrr",
+  arm_rows = list(_arm_rows(results))
+  tables = (  # (header, alignment, rows)
+      (
+          (
+              "| model | arm | step | median ms | min ms | x dense SGD (ratio"
+              " of medians) | x dense SGD (paired) | x dense SGD (CPU time,"
+              " paired) | optimizer-only ms | optimizer-only extra ms | x dense"
+              " SGD (optimizer-only est.) |"
+          ),
+          "lllrrrrrrrr",
+          _time_rows(results),
+      ),
+      (
+          (
+              "| model | arm | params | opt-state bytes / weight | mask bytes /"
+              " sparse weight | exploration bytes / sparse weight | sparse"
+              " weights | realised sparsity |"
+          ),
+          "llrrrrrr",
+          [_bytes_row(*r) for r in arm_rows],
+      ),
+      (
+          (
+              "| model | arm | variant | compile s | x dense | step HLO lines |"
+              " conditionals | optimizer-only HLO lines | optimizer-only"
+              " fusions | opt-state leaves | optimizer-only x dense (paired) |"
+          ),
+          "lllrrrrrrrr",
+          [_compile_row(*r) for r in arm_rows],
+      ),
+      (
+          (
+              "| model | eager model.init s | eager tx.init s (RigL 90% ERK) |"
+              " ratio |"
+          ),
+          "lrrr",
+          _init_rows(results),
+      ),
   )
-  lines += [""]
-  lines += markdown_table(
-      "| model | arm | params | opt-state bytes / weight | mask bytes /"
-      " sparse weight | exploration bytes / sparse weight | sparse weights"
-      " | realised sparsity |",
-      (_bytes_row(*r) for r in _arm_rows(results)),
-      align="llrrrrrr",
-  )
-  lines += [""]
-  lines += markdown_table(
-      "| model | arm | variant | compile s | x dense | step HLO lines |"
-      " conditionals | optimizer-only HLO lines | optimizer-only fusions |"
-      " opt-state leaves | optimizer-only x dense (paired) |",
-      (_compile_row(*r) for r in _arm_rows(results)),
-      align="lllrrrrrrrr",
-  )
-  lines += [""]
-  lines += markdown_table(
-      "| model | eager model.init s | eager tx.init s (RigL 90% ERK) | ratio |",
-      _init_rows(results),
-      align="lrrr",
-  )
+  lines = []
+  for head, align, rows in tables:
+    lines += [*common.markdown_table(head, rows, align), ""]
   lines += [
-      "",
       (
           "Paired ratio: median over rounds of (arm step / dense step in the"
           " same round). Optimizer-only: tx.update + apply alone on fixed"
@@ -838,11 +837,8 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> str:
-  plt = pyplot()
   names = list(results["models"])
-  fig, axes = plt.subplots(
-      2, len(names), figsize=(5.5 * len(names), 7.5), squeeze=False
-  )
+  fig, axes = common.panel_grid(2, len(names), 5.5, 3.75)
   for j, model in enumerate(names):
     res = results["models"][model]
     arms = list(res["arms"])
@@ -907,7 +903,7 @@ def plot(results: dict, path: str) -> str:
       f"jax {m['jax']} {m['backend']}, {m['date'][:10]}",
       fontsize=9,
   )
-  return save_figure(fig, path)
+  return common.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------
@@ -915,7 +911,7 @@ def plot(results: dict, path: str) -> str:
 
 
 def parse_args(argv):
-  p = make_parser(
+  p = common.make_parser(
       __doc__, "step_cost", smoke="tiny widths and batches, 3 rounds"
   )
   p.add_argument(
@@ -971,9 +967,9 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> dict:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+  args = parse_args(argv)  # argparse reads sys.argv for None
   specs = SMOKE if args.smoke else MODELS
-  fill_defaults(
+  common.fill_defaults(
       args,
       models=(["resnet20", "resnet50"], ["resnet20"]),
       rounds=(15, 3),
@@ -986,7 +982,7 @@ def main(argv: list[str] | None = None) -> dict:
     arm_names.insert(0, "dense_sgd")
 
   results = {
-      "machine": machine_info(),
+      "machine": common.machine_info(),
       "smoke": args.smoke,
       "delta_t": DELTA_T,
       "bars": {
@@ -994,7 +990,7 @@ def main(argv: list[str] | None = None) -> dict:
           "amortised": BAR_AMORTISED,
           "mask_bytes_per_weight": BAR_MASK_BYTES,
       },
-      "command": command("step_cost", argv),
+      "command": common.command("step_cost", argv),
       "models": {},
   }
   t0 = time.perf_counter()
@@ -1002,7 +998,7 @@ def main(argv: list[str] | None = None) -> dict:
     r = rounds
     if name == "resnet50" and not args.smoke:
       r = args.rounds_resnet50 or min(rounds, 5)
-    log(f"== {name}: {r} rounds, arms {arm_names}")
+    common.log(f"== {name}: {r} rounds, arms {arm_names}")
     t_model = time.perf_counter()
     res = bench_model(
         name,
@@ -1012,13 +1008,13 @@ def main(argv: list[str] | None = None) -> dict:
         warmup,
         args.dtype,
         opt_rounds=args.opt_rounds,
-        log=log,
+        log=common.log,
     )
     res["wall_s"] = time.perf_counter() - t_model
-    res["machine"], res["command"] = machine_info(), results["command"]
+    res["machine"], res["command"] = common.machine_info(), results["command"]
     results["models"][name] = res
   results["wall_s"] = time.perf_counter() - t0
-  record_end_load(results["machine"])
+  common.record_end_load(results["machine"])
 
   json_path = os.path.join(args.out, f"step_cost{args.tag}.json")
   if args.merge and os.path.exists(json_path):
@@ -1038,7 +1034,7 @@ def main(argv: list[str] | None = None) -> dict:
         res.setdefault("command", old.get("command"))
         kept[name] = res
     results["models"] = {**kept, **results["models"]}
-  write_json(results, json_path, indent=2)
+  common.write_json(results, json_path, indent=2)
   png_path = plot(results, os.path.join(args.out, f"step_cost{args.tag}.png"))
   print(markdown(results))
   print(f"\nwrote {json_path} and {png_path}")

@@ -78,7 +78,7 @@ def use_compilation_cache(out: str) -> None:
 
 def run(
     script: str,
-    argv: Sequence[str],
+    argv: Sequence[str] | None,
     args: argparse.Namespace,
     work: Work,
     *,
@@ -88,7 +88,8 @@ def run(
 
   Args:
     script: the benchmark script (its ``__file__``), started again per worker.
-    argv: the script's arguments, passed on to the workers.
+    argv: the script's arguments, passed on to the workers (None:
+      ``sys.argv[1:]``).
     args: the parsed arguments (``--out``, ``--jobs``, ``--worker``).
     work: ``work(worker, num_workers)`` runs that worker's share.
     pin: pin each worker to its own core where there are enough cores.
@@ -109,9 +110,14 @@ def run(
 
 
 def launch(
-    script: str, argv: Sequence[str], jobs: int, *, pin: bool = False
+    script: str,
+    argv: Sequence[str] | None,
+    jobs: int,
+    *,
+    pin: bool = False,
 ) -> None:
   """Runs ``script argv --worker i`` for i < ``jobs`` in parallel; fails if one fails."""
+  argv = sys.argv[1:] if argv is None else argv
   ncpu = os.cpu_count() or 1
   pin = pin and ncpu >= jobs and shutil.which("taskset") is not None
   # One thread per worker: the workers, not XLA's thread pool, use the cores.

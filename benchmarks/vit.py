@@ -46,17 +46,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import common  # noqa: E402  (benchmarks/ is not a package)
 import sweep  # noqa: E402
-from common import (  # noqa: E402
-    by_path,
-    cell,
-    null_if_undefined,
-    pyplot,
-    results_header,
-    sample_std,
-    save_figure,
-    write_json,
-)
 
 ARMS = ("none", "density", "layernorm")
 OPTIMIZERS = {
@@ -128,8 +119,8 @@ def head_and_neuron_slopes(setup, state, batch, correct) -> dict:
         continue
       g, _ = correct.update(grads, correct.init(grads), masks=masks)
     head, _ = head_slopes(g, masks)
-    gp, groups = by_path(g), {}
-    for path, m in by_path(masks).items():
+    gp, groups = common.by_path(g), {}
+    for path, m in common.by_path(masks).items():
       if m is not None:
         groups[path] = neuron_bins(gp[path], m, path, 8)
     out[f"head_{kind}"] = head
@@ -234,7 +225,7 @@ def work(args, worker: int, num_workers: int) -> None:
     t = time.time()
     result = one_run(args, job, dataset)
     # Written whole, then renamed: an interrupted write leaves no run behind.
-    write_json(result, path + ".tmp", indent=None)
+    common.write_json(result, path + ".tmp", indent=None)
     os.replace(path + ".tmp", path)
     print(
         f"[worker {worker}] {run_name(*job)}: acc"
@@ -305,10 +296,10 @@ def summarize(args, runs: dict) -> list[dict]:
             "arm": arm,
             "seeds": len(rs),
             "acc_mean": float(acc.mean()),
-            "acc_std": sample_std(acc),
+            "acc_std": common.sample_std(acc),
             "test_loss_mean": float(np.mean([r["test_loss"] for r in rs])),
             "transient_mean": float(tr.mean()),
-            "transient_std": sample_std(tr),
+            "transient_std": common.sample_std(tr),
             "loss_after_update_mean": float(after.mean()),
             "exploration": float(np.mean([r["exploration"] for r in rs])),
             "train_s_mean": float(np.mean([r["train_s"] for r in rs])),
@@ -336,11 +327,11 @@ def summarize(args, runs: dict) -> list[dict]:
               for r, b in paired
           ])
           row["delta_acc_mean"] = float(d.mean())
-          row["delta_acc_std"] = sample_std(d)
+          row["delta_acc_std"] = common.sample_std(d)
           row["delta_transient_mean"] = float(dt.mean())
-          row["delta_transient_std"] = sample_std(dt)
+          row["delta_transient_std"] = common.sample_std(dt)
         # Undefined figures (a tiny smoke model's empty heads) are null, not NaN.
-        rows.append(null_if_undefined(row))
+        rows.append(common.null_if_undefined(row))
   return rows
 
 
@@ -358,23 +349,20 @@ def table(rows: list[dict]) -> str:
     lines.append(
         f"| {r['sparsity']:.0%} | {r['optimizer']} | {r['arm']} |"
         f" {r['acc_mean']:.2f} ± {r['acc_std']:.2f} |"
-        f" {cell(r.get('delta_acc_mean'), '{:+.2f}')}{cell(r.get('delta_acc_std'), ' ± {:.2f}') if 'delta_acc_std' in r else ''}"
+        f" {common.cell(r.get('delta_acc_mean'), '{:+.2f}')}{common.cell(r.get('delta_acc_std'), ' ± {:.2f}') if 'delta_acc_std' in r else ''}"
         f" | {r['transient_mean']:+.4f} ± {r['transient_std']:.4f} |"
-        f" {cell(r.get('delta_transient_mean'), '{:+.4f}')}{cell(r.get('delta_transient_std'), ' ± {:.4f}') if 'delta_transient_std' in r else ''}"
-        f" | {cell(r['slope_head_raw'], '{:+.2f}')} /"
-        f" {cell(r['slope_head_corrected'], '{:+.2f}')} |"
-        f" {cell(r['slope_neuron_raw'], '{:+.2f}')} /"
-        f" {cell(r['slope_neuron_corrected'], '{:+.2f}')} |"
+        f" {common.cell(r.get('delta_transient_mean'), '{:+.4f}')}{common.cell(r.get('delta_transient_std'), ' ± {:.4f}') if 'delta_transient_std' in r else ''}"
+        f" | {common.cell(r['slope_head_raw'], '{:+.2f}')} /"
+        f" {common.cell(r['slope_head_corrected'], '{:+.2f}')} |"
+        f" {common.cell(r['slope_neuron_raw'], '{:+.2f}')} /"
+        f" {common.cell(r['slope_neuron_corrected'], '{:+.2f}')} |"
     )
   return "\n".join(lines)
 
 
 def plot(args, runs: dict, path: str) -> str:
-  plt = pyplot()
   panels = [(s, o) for s in args.sparsities for o in args.optimizers]
-  fig, axes = plt.subplots(
-      2, len(panels), figsize=(4.5 * len(panels), 7), squeeze=False
-  )
+  fig, axes = common.panel_grid(2, len(panels), 4.5, 3.5)
   for j, (s, opt) in enumerate(panels):
     for arm in args.arms:
       rs = runs_of(runs, s, opt, arm)
@@ -420,7 +408,7 @@ def plot(args, runs: dict, path: str) -> str:
   fig.suptitle(
       f"Sparse ViT (QK-norm), Fashion-MNIST, RigL: mean over {args.seeds} seeds"
   )
-  return save_figure(fig, path)
+  return common.save_figure(fig, path)
 
 
 def parse(argv):
@@ -462,8 +450,7 @@ def parse(argv):
 
 
 def main(argv=None) -> dict:
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args = parse(argv)
+  args = parse(argv)  # argparse reads sys.argv for None
   t = time.time()
   if not sweep.run(__file__, argv, args, functools.partial(work, args)):
     return {}  # a worker: the parent aggregates
@@ -473,13 +460,13 @@ def main(argv=None) -> dict:
       runs[run_name(*job)] = json.load(f)
   rows = summarize(args, runs)
   result = {
-      **results_header("vit", argv),
+      **common.results_header("vit", argv),
       "wall_time_s": time.time() - t,
       "settings": sweep.settings(args),
       "rows": rows,
       "table": table(rows),
   }
-  write_json(result, os.path.join(args.out, "vit.json"))
+  common.write_json(result, os.path.join(args.out, "vit.json"))
   plot(args, runs, os.path.join(args.out, "vit.png"))
   print(result["table"])
   return result
