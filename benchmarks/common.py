@@ -1,10 +1,10 @@
 """Helpers shared by the benchmark scripts, so that each script reads as its experiment.
 
-A benchmark script imports them after putting ``benchmarks/`` on the path
-(``benchmarks/`` is not a package)::
+A benchmark script imports this module after putting ``benchmarks/`` on the
+path (``benchmarks/`` is not a package)::
 
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from common import ...  # noqa: E402
+  import common  # noqa: E402
 
 and is laid out as
 
@@ -12,13 +12,19 @@ and is laid out as
   :func:`add_seed_and_data`, :func:`add_sparse_options` (``--skew``,
   ``--topology``, their choices taken from the library), then
   :func:`fill_defaults` for the options whose default depends on ``--smoke``;
+* **the training program**: :func:`data_and_setup` (a preset's data set and
+  ``train.Setup``) and :func:`by_path` (a tree's leaves by path);
 * **measuring**: :func:`timed` (wall and CPU seconds of one call, blocked on
   its result) and :func:`log`;
 * **results**: :func:`results_header` (benchmark, machine, command, smoke,
   args) at the start, :func:`save_results` (wall time, end load, JSON and
   figure) at the end, or :func:`write_json` where a script writes its JSON
   itself;
-* **figures**: :func:`pyplot` (matplotlib, headless) and :func:`save_figure`.
+* **summaries**: :func:`sample_std` (the spread over seeds),
+  :func:`null_if_undefined` (a row's undefined figures as JSON nulls) and
+  :func:`cell` (a table cell, a dash where undefined);
+* **figures**: :func:`pyplot` (matplotlib, headless), :func:`panel_grid` (a
+  figure of equal panels) and :func:`save_figure`.
 
 Every result JSON records where and when it ran (:func:`machine_info`) and the
 exact command (:func:`command`), so a figure in the README can be traced back
@@ -30,15 +36,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
+from sparseopt_jax import tree as tree_lib
 from sparseopt_jax.composite import GROW_WITH
 from sparseopt_jax.skew import SKEW_MODES
 from sparseopt_jax.topology import TOPOLOGIES
@@ -50,6 +59,9 @@ ROOT = os.path.dirname(HERE)
 RESULTS_DIR = os.path.join(HERE, "results")
 # ``--skew none`` on the command line is ``skew=None`` (no correction).
 NO_SKEW = "none"
+# ``--skew``'s choices for a network with BatchNorm after its sparse layers (a
+# ResNet): the density rule, and the one that reads the BatchNorm statistics.
+BN_SKEW_MODES = ("density", "bn")
 
 # ---------------------------------------------------------------------------
 # Machine
@@ -186,6 +198,40 @@ def command(script: str, argv: Sequence[str] | None) -> str:
 
 
 # ---------------------------------------------------------------------------
+# The training program
+
+
+def data_and_setup(cfg):
+  """The data set and the training program's ``train.Setup`` for a preset's ``cfg``.
+
+  Built as a training run builds them (``cfg.dataset`` from ``cfg.data_dir``,
+  ``cfg.train_subset`` of it; the model, optimizer and schedules for
+  ``cfg.batch_size``), so that a benchmark measures what training runs.
+  """
+  from sparseopt_jax.training import input as input_lib
+  from sparseopt_jax.training import train
+
+  dataset = input_lib.load(
+      cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset
+  )
+  steps_per_epoch = dataset.steps_per_epoch(cfg.batch_size)
+  return dataset, train.make_setup(cfg, dataset.info, steps_per_epoch)
+
+
+def by_path(tree) -> dict[str, Any]:
+  """Each leaf of ``tree`` by its path, ``"stage1_0/conv1/kernel"``.
+
+  None leaves (the mask of a dense leaf) are kept, as None.
+  """
+  return {
+      tree_lib.path_str(p): x
+      for p, x in jax.tree_util.tree_leaves_with_path(
+          tree, is_leaf=tree_lib.is_none
+      )
+  }
+
+
+# ---------------------------------------------------------------------------
 # Measuring
 
 
@@ -287,6 +333,57 @@ def save_results(
 
 
 # ---------------------------------------------------------------------------
+# Summaries
+
+
+def sample_std(values) -> float:
+  """The sample standard deviation (ddof 1) of ``values``; 0.0 for a single value.
+
+  The spread over seeds of a figure: one seed has no spread to estimate, and
+  reads 0 rather than NaN.
+  """
+  return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def null_if_undefined(row: dict) -> dict:
+  """``row`` with its NaN and infinite floats as None (null in the JSON).
+
+  JSON has no NaN: ``json.dump`` would write a token other readers reject.
+  """
+  return {
+      k: None if isinstance(v, float) and not math.isfinite(v) else v
+      for k, v in row.items()
+  }
+
+
+def markdown_table(
+    head: str, rows: Iterable[Sequence[Any]], align: str = ""
+) -> list[str]:
+  """The lines of a markdown table: ``head``, its rule, then one line per row.
+
+  Args:
+    head: the header line, ``"| model | arm | ms |"``.
+    rows: each row's cells (any value; ``str`` of it is written).
+    align: one letter per column, ``l`` (``---``) or ``r`` (``---:``); all
+      ``l`` if empty.
+  """
+  rule = {"l": "---|", "r": "---:|"}
+  lines = [head]
+  lines.append(
+      "|" + "".join(rule[a] for a in align or "l" * (head.count("|") - 1))
+  )
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return lines
+
+
+def cell(value, spec: str = "{}") -> str:
+  """``spec.format(value)`` for a markdown table; an en dash for None, NaN or inf."""
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return "–"
+  return spec.format(value)
+
+
+# ---------------------------------------------------------------------------
 # Figures
 
 
@@ -298,6 +395,16 @@ def pyplot():
   import matplotlib.pyplot as plt
 
   return plt
+
+
+def panel_grid(rows: int, cols: int, width: float, height: float):
+  """A figure of ``rows`` x ``cols`` panels, each ``width`` x ``height`` inches.
+
+  Returns ``(fig, axes)`` with ``axes[row, col]`` 2-D whatever the counts, so
+  that a benchmark with one model or one variant plots as one with several.
+  """
+  figsize = (width * cols, height * rows)
+  return pyplot().subplots(rows, cols, figsize=figsize, squeeze=False)
 
 
 def save_figure(fig, path: str, rect: Sequence[float] | None = None) -> str:

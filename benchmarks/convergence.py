@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import functools
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -34,12 +34,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 # benchmarks/ is not a package: common.py is imported from this directory.
-from common import (  # noqa: E402
-    machine_info,
-    pyplot,
-    save_figure,
-    write_json,
-)
+import common  # noqa: E402
+import sweep  # noqa: E402
 
 PRESET = {
     "fashion_mnist": "fashion_mnist_resnet20",
@@ -172,17 +168,10 @@ def selected_arms(args) -> list[Arm]:
 
 def work(args, worker: int, num_workers: int) -> None:
   """Run this worker's share of the jobs, skipping complete ones."""
-  import jax
-
   from sparseopt_jax.training import train
 
-  jax.config.update(
-      "jax_compilation_cache_dir", os.path.join(args.out, ".jax_cache")
-  )
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  for i, (arm, seed) in enumerate(jobs(args)):
-    if i % num_workers != worker:
-      continue
+  sweep.use_compilation_cache(args.out)
+  for arm, seed in sweep.share(jobs(args), worker, num_workers):
     path = workdir(args, arm, seed)
     done = os.path.join(path, "done.json")
     if os.path.exists(done):
@@ -202,37 +191,6 @@ def work(args, worker: int, num_workers: int) -> None:
         f"[worker {worker}] {arm.name} seed {seed}: {time.time() - t:.0f} s",
         flush=True,
     )
-
-
-def launch(args) -> None:
-  """Run the sweep in ``args.jobs`` processes, each pinned to its own core when possible."""
-  if args.jobs == 1:
-    work(args, 0, 1)
-    return
-  procs = []
-  ncpu = os.cpu_count() or 1
-  for w in range(args.jobs):
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        *sys.argv[1:],
-        "--worker",
-        str(w),
-    ]
-    env = dict(os.environ)
-    env.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
-    if ncpu >= args.jobs and _has_taskset():
-      cmd = ["taskset", "-c", str(w % ncpu)] + cmd
-    procs.append(subprocess.Popen(cmd, env=env))
-  codes = [p.wait() for p in procs]
-  if any(codes):
-    raise SystemExit(f"a worker failed: exit codes {codes}")
-
-
-def _has_taskset() -> bool:
-  from shutil import which
-
-  return which("taskset") is not None
 
 
 # ---------------------------------------------------------------------------
@@ -285,7 +243,7 @@ def summarize(args, runs) -> list[dict]:
         **{k: v for k, v in arm.overrides.items()},
         "seeds": len(arm_runs),
         "acc_mean": 100 * float(final.mean()),
-        "acc_std": 100 * float(final.std(ddof=1)) if len(final) > 1 else 0.0,
+        "acc_std": 100 * common.sample_std(final),
         "final_step": int(steps[-1]),
     }
     for key in (
@@ -311,9 +269,7 @@ def summarize(args, runs) -> list[dict]:
       )
       # Paired per seed: same data order and initial masks.
       diffs = final - b_acc[:, -1]
-      row["paired_delta_std"] = (
-          100 * float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
-      )
+      row["paired_delta_std"] = 100 * common.sample_std(diffs)
       # Constant fan-in is also paired with the corrected unstructured arm, and
       # its corrected arm with its uncorrected one.
       stem = base[: -len("_base")]
@@ -322,21 +278,14 @@ def summarize(args, runs) -> list[dict]:
           diffs = final - curve(runs[other])[1][:, -1]
           key = other[len(stem) + 1 :]
           row[f"delta_vs_{key}"] = 100 * float(diffs.mean())
-          row[f"paired_delta_vs_{key}_std"] = (
-              100 * float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
-          )
+          row[f"paired_delta_vs_{key}_std"] = 100 * common.sample_std(diffs)
     if arm.pair in runs:
       diffs = final - curve(runs[arm.pair])[1][:, -1]
       row["paired_with"] = arm.pair
       row["delta_vs_pair"] = 100 * float(diffs.mean())
-      row["paired_delta_vs_pair_std"] = (
-          100 * float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
-      )
+      row["paired_delta_vs_pair_std"] = 100 * common.sample_std(diffs)
     # Undefined figures (no dense arm, never reached) are null in the JSON, not NaN.
-    rows.append({
-        k: None if isinstance(v, float) and np.isnan(v) else v
-        for k, v in row.items()
-    })
+    rows.append(common.null_if_undefined(row))
   return rows
 
 
@@ -346,33 +295,25 @@ def table(rows: list[dict]) -> str:
       " base final | gap closed | skew slope raw / corr | exploration |"
   )
   lines = [head, "|" + "---|" * 7]
-  fmt = (
-      lambda v, f: "–"
-      if v is None or (isinstance(v, float) and np.isnan(v))
-      else f.format(v)
-  )
   for r in rows:
     lines.append(
         f"| {r['arm']} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} |"
-        f" {fmt(r.get('delta_vs_base'), '{:+.2f}')}{fmt(r.get('paired_delta_std'), ' ({:.2f})') if 'paired_delta_std' in r else ''}"
-        f" | {fmt(r.get('steps_to_base_final_ratio'), '{:.2f}x')} |"
-        f" {fmt(r.get('gap_closed'), '{:+.0%}')} |"
-        f" {fmt(r.get('skew_slope_raw'), '{:+.2f}')} /"
-        f" {fmt(r.get('skew_slope_corrected'), '{:+.2f}')} |"
-        f" {fmt(r.get('exploration'), '{:.3f}')} |"
+        f" {common.cell(r.get('delta_vs_base'), '{:+.2f}')}{common.cell(r.get('paired_delta_std'), ' ({:.2f})') if 'paired_delta_std' in r else ''}"
+        f" | {common.cell(r.get('steps_to_base_final_ratio'), '{:.2f}x')} |"
+        f" {common.cell(r.get('gap_closed'), '{:+.0%}')} |"
+        f" {common.cell(r.get('skew_slope_raw'), '{:+.2f}')} /"
+        f" {common.cell(r.get('skew_slope_corrected'), '{:+.2f}')} |"
+        f" {common.cell(r.get('exploration'), '{:.3f}')} |"
     )
   return "\n".join(lines)
 
 
 def plot(args, runs, path: str) -> None:
-  plt = pyplot()
   arms = {a.name: a for a in selected_arms(args)}
   panels = sorted({arms[n].key for n in runs if n != "dense"})
   cols = 2
   nrows = max(1, -(-len(panels) // cols))
-  fig, axes = plt.subplots(
-      nrows, cols, figsize=(6 * cols, 3.6 * nrows), squeeze=False
-  )
+  fig, axes = common.panel_grid(nrows, cols, 6, 3.6)
   for ax, key in zip(axes.flat, panels):
     names = [n for n in runs if n != "dense" and arms[n].key == key] + (
         ["dense"] if "dense" in runs else []
@@ -394,7 +335,7 @@ def plot(args, runs, path: str) -> None:
   fig.suptitle(
       f"Convergence, {args.dataset}: mean ± std over {args.seeds} seeds"
   )
-  save_figure(fig, path)
+  common.save_figure(fig, path)
 
 
 def parse(argv):
@@ -428,9 +369,7 @@ def parse(argv):
       default=None,
       help="names (glob patterns) of the arms to run, e.g. 'rigl90_*' dense",
   )
-  p.add_argument(
-      "--jobs", type=int, default=2, help="parallel worker processes"
-  )
+  sweep.add_options(p)
   p.add_argument(
       "--full", action="store_true", help="paper-scale settings (GPU/TPU)"
   )
@@ -441,7 +380,6 @@ def parse(argv):
       default=None,
       help="stem of the result files (default: convergence[_<data>_<budget>])",
   )
-  p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.smoke:
     args.sparsities, args.seeds, args.steps, args.width = [0.9], 2, 6, 2
@@ -459,21 +397,18 @@ def parse(argv):
 
 
 def main(argv=None) -> dict:
-  args = parse(sys.argv[1:] if argv is None else argv)
-  os.makedirs(args.out, exist_ok=True)
-  if args.worker is not None:
-    work(args, args.worker, args.jobs)
-    return {}
+  args = parse(argv)  # argparse reads sys.argv for None
   t = time.time()
-  launch(args)
+  if not sweep.run(
+      __file__, argv, args, functools.partial(work, args), pin=True
+  ):
+    return {}  # a worker: the parent aggregates
   runs = load_runs(args)
   rows = summarize(args, runs)
   result = {
-      "machine": machine_info(),
+      **common.results_header("convergence", argv),
       "wall_time_s": time.time() - t,
-      "settings": {
-          k: v for k, v in vars(args).items() if k not in ("worker", "out")
-      },
+      "settings": sweep.settings(args),
       "rows": rows,
   }
   default = (
@@ -482,7 +417,7 @@ def main(argv=None) -> dict:
   tag = args.name or (
       "convergence" if default else f"convergence_{budget_tag(args)}"
   )
-  write_json(result, os.path.join(args.out, f"{tag}.json"), indent=2)
+  common.write_json(result, os.path.join(args.out, f"{tag}.json"), indent=2)
   plot(args, runs, os.path.join(args.out, f"{tag}.png"))
   print(table(rows))
   return result

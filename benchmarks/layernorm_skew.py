@@ -45,6 +45,7 @@ Writes ``<out>/layernorm_skew.json`` and ``.png`` and prints the slope tables.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
@@ -61,7 +62,7 @@ from sparseopt_jax.training import models
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import machine_info, save_figure, save_results  # noqa: E402
+import common  # noqa: E402  (benchmarks/ is not a package)
 
 VARIANTS = {
     "pre": dict(norm_position="pre"),
@@ -74,13 +75,6 @@ ROLES = ("query", "key", "value", "out", "fc1", "fc2")
 
 def role_of(path: str) -> str:
   return path.split("/")[-2]
-
-
-def fit(x, y) -> float:
-  x, y = np.asarray(x, float), np.asarray(y, float)
-  if len(x) < 2 or np.ptp(x) < 1e-9:
-    return float("nan")
-  return float(np.polyfit(x, y, 1)[0])
 
 
 def pooled_slope(groups: dict) -> float:
@@ -101,15 +95,6 @@ def pooled_slope(groups: dict) -> float:
   )
 
 
-def by_path(tree) -> dict:
-  return {
-      so.tree.path_str(p): x
-      for p, x in jax.tree_util.tree_leaves_with_path(
-          tree, is_leaf=so.tree.is_none
-      )
-  }
-
-
 def designed_distribution(shapes, rng, low=0.02, high=0.5) -> dict:
   """Per sparse kernel, a sparsity with density log-uniform in [low, high]."""
   return {
@@ -121,7 +106,7 @@ def designed_distribution(shapes, rng, low=0.02, high=0.5) -> dict:
 
 def per_head_masks(params, masks, rng, low=0.02, high=0.5):
   """``masks`` with each head of every query/key kernel at its own density."""
-  flat = by_path(masks)
+  flat = common.by_path(masks)
   out = {}
   for path, m in flat.items():
     if m is None or role_of(path) not in ("query", "key"):
@@ -134,15 +119,9 @@ def per_head_masks(params, masks, rng, low=0.02, high=0.5):
     ranks = scores.argsort(0).argsort(0)
     new = (ranks < keep[None]).reshape(c, dh, h).transpose(0, 2, 1)
     out[path] = jnp.asarray(new)
-  leaves = [
-      out[so.tree.path_str(p)]
-      for p, _ in jax.tree_util.tree_leaves_with_path(
-          masks, is_leaf=so.tree.is_none
-      )
-  ]
-  return jax.tree.unflatten(
-      jax.tree.structure(masks, is_leaf=so.tree.is_none), leaves
-  )
+  # ``out`` holds the leaves in ``masks``' own order (that of ``by_path``).
+  treedef = jax.tree.structure(masks, is_leaf=so.tree.is_none)
+  return jax.tree.unflatten(treedef, list(out.values()))
 
 
 class Probe:
@@ -172,6 +151,16 @@ class Probe:
 
     self.loss = loss
     self.grad = jax.jit(jax.grad(loss))
+
+  def random_masks(self, sparsity, distribution, seed):
+    """Random masks of the sparse kernels (``models.VIT_SPARSE_FILTER``)."""
+    return so.random_masks(
+        self.params,
+        sparsity,
+        distribution=distribution,
+        sparse_filter=models.VIT_SPARSE_FILTER,
+        seed=seed,
+    )
 
   def grads(self, params, masks):
     return self.grad(so.apply_masks(params, masks), self.batch)
@@ -221,8 +210,8 @@ def corrections(probe) -> tuple:
 
 def layer_table(grads, masks):
   """Per sparse kernel: (role, log D_l, log RMS gradient per surviving weight)."""
-  g, out = by_path(grads), {}
-  for path, m in by_path(masks).items():
+  g, out = common.by_path(grads), {}
+  for path, m in common.by_path(masks).items():
     if m is None:
       continue
     m = np.asarray(m, bool)
@@ -259,8 +248,8 @@ def neuron_bins(grad, mask, path, bins):
 
 def head_groups(grads, masks) -> dict:
   """QK-norm's groups: per query/key kernel, (log D_h, log RMS over head h)."""
-  g, groups = by_path(grads), {}
-  for path, m in by_path(masks).items():
+  g, groups = common.by_path(grads), {}
+  for path, m in common.by_path(masks).items():
     if m is None or role_of(path) not in ("query", "key"):
       continue
     m = np.asarray(m, bool)
@@ -321,6 +310,7 @@ def train_rigl(probe, distribution, args, seed):
 
 
 def _accumulate(points: dict, table: dict) -> None:
+  """Appends each kernel's (x, y) in ``table`` to its points in ``points``."""
   for path, (role, x, y) in table.items():
     entry = points.setdefault(path, {"role": role, "x": [], "y": []})
     entry["x"].append(x)
@@ -365,21 +355,15 @@ def measure_variant(variant, args, batch, log) -> dict:
         params, masks = train_rigl(probe, dists[r], args, seed=args.seed + r)
       else:
         params = probe.params
-        masks = so.random_masks(
-            probe.params,
-            0.9,
-            distribution=dists[r],
-            sparse_filter=models.VIT_SPARSE_FILTER,
-            seed=args.seed + r,
-        )
+        masks = probe.random_masks(0.9, dists[r], seed=args.seed + r)
       grads = probe.grads(params, masks)
       for mode in modes:
         _accumulate(
             points[mode],
             layer_table(probe.corrected(grads, masks, mode), masks),
         )
-      g = by_path(grads)
-      for path, m in by_path(masks).items():
+      g = common.by_path(grads)
+      for path, m in common.by_path(masks).items():
         if m is None:
           continue
         x, y = neuron_bins(g[path], m, path, args.bins)
@@ -407,18 +391,11 @@ def measure_variant(variant, args, batch, log) -> dict:
   # 2. One common density (uniform sparsity s), appendix D's setting.
   sweep = {}
   for density in args.densities:
-    masks = so.random_masks(
-        probe.params,
-        max(0.0, 1.0 - density),
-        distribution="uniform",
-        sparse_filter=models.VIT_SPARSE_FILTER,
-        seed=args.seed,
-    )
+    masks = probe.random_masks(max(0.0, 1.0 - density), "uniform", args.seed)
     table = layer_table(probe.grads(probe.params, masks), masks)
-    for path, (role, _, y) in table.items():
-      entry = sweep.setdefault(path, {"role": role, "x": [], "y": []})
-      entry["x"].append(float(np.log(density)))
-      entry["y"].append(y)
+    # Against the common density, not each kernel's realised one.
+    x = float(np.log(density))
+    _accumulate(sweep, {p: (role, x, y) for p, (role, _, y) in table.items()})
   res["uniform_sweep"] = {"slopes": _slopes(sweep), "points": sweep}
 
   # 3. Per head, for QK-norm: each head of the query/key kernels at its own
@@ -428,13 +405,7 @@ def measure_variant(variant, args, batch, log) -> dict:
     for r in range(args.draws):
       masks = per_head_masks(
           probe.params,
-          so.random_masks(
-              probe.params,
-              0.9,
-              distribution=dists[r],
-              sparse_filter=models.VIT_SPARSE_FILTER,
-              seed=args.seed + r,
-          ),
+          probe.random_masks(0.9, dists[r], seed=args.seed + r),
           rng,
       )
       grads = probe.grads(probe.params, masks)
@@ -463,7 +434,7 @@ def measure_variant(variant, args, batch, log) -> dict:
 
 
 def markdown(results: dict) -> str:
-  f = lambda v: "–" if v is None or not np.isfinite(v) else f"{v:+.2f}"
+  f = functools.partial(common.cell, spec="{:+.2f}")  # a slope, or a dash
   modes = ("none", "density", "layernorm", "layernorm_branch")
   lines = [
       (
@@ -536,15 +507,9 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> str:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = common.pyplot()
   variants = list(results["variants"])
-  fig, axes = plt.subplots(
-      3, len(variants), figsize=(4.2 * len(variants), 10.5), squeeze=False
-  )
+  fig, axes = common.panel_grid(3, len(variants), 4.2, 3.5)
   colors = dict(zip(ROLES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
   for j, v in enumerate(variants):
     r = results["variants"][v]
@@ -608,7 +573,7 @@ def plot(results: dict, path: str) -> str:
       "LayerNorm skew in a sparse ViT (Fashion-MNIST). Rows 1-2: per layer,"
       " each kernel at several densities; row 3: per neuron"
   )
-  return save_figure(fig, path)
+  return common.save_figure(fig, path)
 
 
 def parse_args(argv):
@@ -656,12 +621,12 @@ def parse_args(argv):
 
 
 def main(argv=None) -> dict:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+  args = parse_args(argv)  # argparse reads sys.argv for None
   t0 = time.perf_counter()
   ds = data.load("fashion_mnist", train_subset=args.train_subset)
   batch = next(ds.train_batches(args.batch, seed=args.seed + 1000))
   results = {
-      "machine": machine_info(),
+      **common.results_header("layernorm_skew", argv),
       "config": {k: v for k, v in vars(args).items() if k != "out"},
       "variants": {},
   }
@@ -669,7 +634,9 @@ def main(argv=None) -> dict:
     results["variants"][v] = measure_variant(v, args, batch, print)
   table = markdown(results)
   results["table"] = table
-  json_path, png = save_results(results, args.out, "layernorm_skew", plot, t0)
+  json_path, png = common.save_results(
+      results, args.out, "layernorm_skew", plot, t0
+  )
   print(table)
   print(json_path, png)
   return results

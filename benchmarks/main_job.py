@@ -19,13 +19,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    RESULTS_DIR,
-    ROOT,
-    make_parser,
-    results_header,
-    save_results,
-)
+import common  # noqa: E402  (benchmarks/ is not a package)
 
 ARMS = ("baseline", "sparseopt")
 SMOKE = [
@@ -51,17 +45,17 @@ def read_rows(path: str) -> list[dict]:
 
 
 def main(argv=None) -> None:
-  p = make_parser(__doc__, "main_job", smoke="4 steps on a subset")
-  p.set_defaults(out=os.path.join(RESULTS_DIR, "main_job"))
+  p = common.make_parser(__doc__, "main_job", smoke="4 steps on a subset")
+  p.set_defaults(out=os.path.join(common.RESULTS_DIR, "main_job"))
   args = p.parse_args(argv)
   extra = SMOKE if args.smoke else []
-  results = results_header("main_job", argv, args)
+  results = common.results_header("main_job", argv, args)
   results["command"] = " ".join(["bash scripts/compare.sh", *extra])
   t_start = time.perf_counter()
   with tempfile.TemporaryDirectory() as runs:
     subprocess.run(
         ["bash", "scripts/compare.sh", *extra],
-        cwd=ROOT,
+        cwd=common.ROOT,
         env={**os.environ, "RUNS_DIR": runs},
         check=True,
     )
@@ -86,7 +80,7 @@ def main(argv=None) -> None:
       arm: [[row["step"], row["test_accuracy"]] for row in r]
       for arm, r in rows.items()
   }
-  path, _ = save_results(
+  path, _ = common.save_results(
       results, args.out, f"main_job{args.tag}", None, t_start
   )
   print(path)

@@ -62,7 +62,7 @@ import sparseopt_jax as so
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import machine_info, save_figure, save_results  # noqa: E402
+import common  # noqa: E402  (benchmarks/ is not a package)
 
 SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9)
 # SparseOpt's Figure 3 (MNIST, two-layer MLP), read from the paper.
@@ -202,9 +202,7 @@ def run(args) -> dict:
       for key in per_seed[0]:
         values = np.array([p[key] for p in per_seed])
         row[key] = float(values.mean())
-        row[f"{key}_std"] = (
-            float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        )
+        row[f"{key}_std"] = common.sample_std(values)
       row["theory"] = 1.0 / math.sqrt(1.0 - s)
       paper = PAPER["bn" if batch_norm else "no_bn"]
       row["paper"] = paper[SPARSITIES.index(s)] if s in SPARSITIES else None
@@ -230,7 +228,6 @@ def run(args) -> dict:
 def table(rows: list[dict]) -> str:
   bn = {r["sparsity"]: r for r in rows if r["batch_norm"]}
   no_bn = {r["sparsity"]: r for r in rows if not r["batch_norm"]}
-  fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
   lines = [
       (
           "| sparsity | with BN (here) | with BN (paper) | theory 1/sqrt(1-s) |"
@@ -243,20 +240,17 @@ def table(rows: list[dict]) -> str:
     b, n = bn[s], no_bn[s]
     lines.append(
         f"| {s:.1f} | {b['ratio']:.2f} ± {b['ratio_std']:.2f} |"
-        f" {fmt(b['paper'])} | {b['theory']:.2f} |"
-        f" {n['ratio']:.2f} ± {n['ratio_std']:.2f} | {fmt(n['paper'])} |"
-        f" {b['ratio_density']:.2f} | {b['ratio_sqrt_d']:.2f} |"
-        f" {b['skew_slope_raw']:+.2f} / {b['skew_slope_density']:+.2f} |"
+        f" {common.cell(b['paper'], '{:.2f}')} | {b['theory']:.2f} |"
+        f" {n['ratio']:.2f} ± {n['ratio_std']:.2f} |"
+        f" {common.cell(n['paper'], '{:.2f}')} | {b['ratio_density']:.2f} |"
+        f" {b['ratio_sqrt_d']:.2f} | {b['skew_slope_raw']:+.2f} /"
+        f" {b['skew_slope_density']:+.2f} |"
     )
   return "\n".join(lines)
 
 
 def plot(results: dict, path: str) -> str:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = common.pyplot()
   rows = results["rows"]
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   s_fine = np.linspace(0.0, max(r["sparsity"] for r in rows), 100)
@@ -281,25 +275,24 @@ def plot(results: dict, path: str) -> str:
         ls=":",
         label=f"{name} (paper, MNIST)",
     )
+  # The BatchNorm ratio once corrected: by the density rule, by sqrt(d_i).
   sel = [r for r in rows if r["batch_norm"]]
-  ax.plot(
-      [r["sparsity"] for r in sel],
-      [r["ratio_density"] for r in sel],
-      color="C2",
-      marker="s",
-      ms=7,
-      mfc="none",
-      ls="--",
-      label='with BN, skew="density" (on top of "with BN")',
-  )
-  ax.plot(
-      [r["sparsity"] for r in sel],
-      [r["ratio_sqrt_d"] for r in sel],
-      color="C3",
-      marker="^",
-      ms=4,
-      label="with BN, gradient x sqrt(d_i)",
-  )
+  density = dict(color="C2", marker="s", ms=7, mfc="none", ls="--")
+  sqrt_d = dict(color="C3", marker="^", ms=4)
+  for key, style, label in (
+      (
+          "ratio_density",
+          density,
+          'with BN, skew="density" (on top of "with BN")',
+      ),
+      ("ratio_sqrt_d", sqrt_d, "with BN, gradient x sqrt(d_i)"),
+  ):
+    ax.plot(
+        [r["sparsity"] for r in sel],
+        [r[key] for r in sel],
+        label=label,
+        **style,
+    )
   cfg = results["config"]
   ax.set_xlabel("sparsity s of the hidden layer")
   ax.set_ylabel("RMS gradient per weight: sparse / dense")
@@ -311,7 +304,7 @@ def plot(results: dict, path: str) -> str:
   )
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  return save_figure(fig, path)
+  return common.save_figure(fig, path)
 
 
 def parse(argv):
@@ -342,10 +335,10 @@ def parse(argv):
 
 
 def main(argv=None) -> dict:
-  args = parse(sys.argv[1:] if argv is None else argv)
+  args = parse(argv)  # argparse reads sys.argv for None
   t = time.perf_counter()
   results = {
-      "machine": machine_info(),
+      **common.results_header("premise", argv),
       "config": {
           k: v for k, v in vars(args).items() if k not in ("out", "name")
       },
@@ -357,7 +350,7 @@ def main(argv=None) -> dict:
       ),
       **run(args),
   }
-  save_results(results, args.out, args.name, plot, t)
+  common.save_results(results, args.out, args.name, plot, t)
   print(table(results["rows"]))
   print(f"bars: {results['bars']}  ({results['wall_s']:.1f} s)")
   return results

@@ -76,28 +76,12 @@ import jax
 import numpy as np
 
 import sparseopt_jax as so
-from sparseopt_jax import tree as tree_lib
-from sparseopt_jax.training import input as input_lib
 from sparseopt_jax.training import presets, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402  (benchmarks/ is not a package)
-    add_seed_and_data,
-    add_sparse_options,
-    fill_defaults,
-    log,
-    machine_info,
-    make_parser,
-    pyplot,
-    results_header,
-    save_figure,
-    save_results,
-    skew_value,
-    timed,
-)
+import common  # noqa: E402  (benchmarks/ is not a package)
 
 PRESET = "fashion_mnist_resnet20"
-BN_SKEW_MODES = ("density", "bn")  # the corrections for a BatchNorm ResNet
 RTOL, ATOL = 1e-4, 1e-5
 # First step, largest per-leaf ||params_N - params_1|| / ||update_1||. Measured on ResNet-20 /
 # Fashion-MNIST, 32 images per device: float rounding gives 4e-5..3e-4 (a 1-ulp perturbation of
@@ -125,10 +109,7 @@ def snapshot(state: train.TrainState) -> dict:
 
 
 def _by_path(tree) -> dict[str, np.ndarray]:
-  return {
-      tree_lib.path_str(p): np.asarray(x, np.float64)
-      for p, x in jax.tree_util.tree_leaves_with_path(tree)
-  }
+  return {p: np.asarray(x, np.float64) for p, x in common.by_path(tree).items()}
 
 
 def compare(a: dict, b: dict, before: dict | None = None) -> dict:
@@ -241,7 +222,9 @@ def run_steps(
   for i in range(1, n_steps + 1):
     batch = jax.block_until_ready(train.shard_batch(next(stream), mesh))
     flag = is_mask_update(layout.setup, i)
-    state, seconds, _ = timed(_new_state, layout.step, state, batch, flag)
+    state, seconds, _ = common.timed(
+        _new_state, layout.step, state, batch, flag
+    )
     times.append(seconds)
     if i <= snap_steps:
       snaps.append(snapshot(state))
@@ -349,7 +332,7 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> str:
-  plt = pyplot()
+  plt = common.pyplot()
   import matplotlib.ticker
 
   rows = [r for r in results["rows"] if r.get("model_parallel", 1) == 1]
@@ -424,7 +407,7 @@ def plot(results: dict, path: str) -> str:
       "agreement with 1 device on the same global batches", fontsize=10
   )
   ax2.grid(alpha=0.3)
-  return save_figure(fig, path)
+  return common.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------
@@ -432,7 +415,7 @@ def plot(results: dict, path: str) -> str:
 
 
 def parse_args(argv):
-  p = make_parser(
+  p = common.make_parser(
       __doc__, "scaling", smoke="1 and 2 devices, batch 2 each, 3 steps"
   )
   p.add_argument(
@@ -479,16 +462,15 @@ def parse_args(argv):
       default=None,
       help="Delta-T of the timed runs (default 5; smoke 2)",
   )
-  add_sparse_options(p, skew="density", skew_modes=BN_SKEW_MODES)
-  add_seed_and_data(p)
+  common.add_sparse_options(p, skew="density", skew_modes=common.BN_SKEW_MODES)
+  common.add_seed_and_data(p)
   return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args = parse_args(argv)
+  args = parse_args(argv)  # argparse reads sys.argv for None
   smoke = args.smoke
-  fill_defaults(
+  common.fill_defaults(
       args,
       devices=([1, 2, 4, 8], [1, 2]),
       model_parallel=([4], []),
@@ -513,21 +495,16 @@ def main(argv: list[str] | None = None) -> dict:
       steps=SCHEDULE_STEPS,
       batch_size=args.per_device_batch * max(counts),
       update_every=args.update_every,
-      skew=skew_value(args.skew),
+      skew=common.skew_value(args.skew),
       topology=args.topology,
       seed=args.seed,
       data_dir=args.data_dir,
       train_subset=4096 if smoke else None,
   )
-  machine = machine_info()  # load average and date at the start
+  machine = common.machine_info()  # load average and date at the start
   t_start = time.perf_counter()
-  dataset = input_lib.load(
-      cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset
-  )
-  setup = train.make_setup(
-      cfg, dataset.info, dataset.steps_per_epoch(cfg.batch_size)
-  )
-  end_step = int(cfg.end_fraction * setup.num_steps)
+  dataset, setup = common.data_and_setup(cfg)
+  end_step = setup.end_step
   host_init = jax.device_get(
       train.create_train_state(setup, dataset.info.image_shape)
   )
@@ -546,7 +523,7 @@ def main(argv: list[str] | None = None) -> dict:
     global_batch = args.per_device_batch * n
     train.check_batch_size(global_batch, layout.mesh)
     layout_of[n, m] = layout
-    log(
+    common.log(
         f"== {layout.name} device(s), global batch {global_batch}: {n_steps}"
         " steps"
     )
@@ -558,7 +535,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.seed,
         n_steps,
         snap_steps=args.check_steps,
-        log=log,
+        log=common.log,
     )
     timed = list(enumerate(times, start=1))[args.warmup :]
     ordinary = [t for i, t in timed if not is_mask_update(setup, i)]
@@ -587,7 +564,9 @@ def main(argv: list[str] | None = None) -> dict:
         "mask_update_steps_timed": len(updates),
         "step_times_s": times,
     })
-    log(f"    {1e3 * median:.1f} ms/step, {global_batch / median:.0f} images/s")
+    common.log(
+        f"    {1e3 * median:.1f} ms/step, {global_batch / median:.0f} images/s"
+    )
 
   # Agreement: each n > 1 against one device on the same global batches, next to the noise
   # floor: the same one-device run started from params one float32 ulp away.
@@ -598,7 +577,7 @@ def main(argv: list[str] | None = None) -> dict:
     if n == 1:
       row["agreement"] = None
       continue
-    log(
+    common.log(
         f"== reference: 1 device, global batch {row['global_batch']},"
         f" {args.check_steps} steps (and the same from params 1 ulp away)"
     )
@@ -610,7 +589,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.seed,
         args.check_steps,
         snap_steps=args.check_steps,
-        log=log,
+        log=common.log,
     )
     _, floor = run_steps(
         ref,
@@ -643,7 +622,7 @@ def main(argv: list[str] | None = None) -> dict:
         "per_step": per_step,
     }
     for st in (per_step[0], per_step[-1]):
-      log(
+      common.log(
           f"    step {st['step']}: params {st['params_max_abs_diff']:.2e}"
           f" (1-ulp floor {st['floor_params_max_abs_diff']:.2e}; worst leaf"
           f" {st['params_worst_leaf']},"
@@ -674,7 +653,7 @@ def main(argv: list[str] | None = None) -> dict:
   if not checked:
     notes.append("No agreement check: fewer than two device counts ran.")
   results = {
-      **results_header("scaling", argv, args, machine),
+      **common.results_header("scaling", argv, args, machine),
       "preset": PRESET,
       "config": dataclasses.asdict(cfg),
       "end_step": end_step,
@@ -726,7 +705,7 @@ def main(argv: list[str] | None = None) -> dict:
       },
       "notes": notes,
   }
-  json_path, png_path = save_results(
+  json_path, png_path = common.save_results(
       results, args.out, f"scaling{args.tag}", plot, t_start
   )
   print(markdown(results))

@@ -47,7 +47,6 @@ import math
 import os
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,26 +55,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sparseopt_jax as so
-from sparseopt_jax.training import input as input_lib
 from sparseopt_jax.training import presets, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402  (benchmarks/ is not a package)
-    add_seed_and_data,
-    add_sparse_options,
-    fill_defaults,
-    log,
-    machine_info,
-    make_parser,
-    pyplot,
-    results_header,
-    save_figure,
-    save_results,
-    skew_value,
-)
+import common  # noqa: E402  (benchmarks/ is not a package)
 
 PRESET = "fashion_mnist_resnet20"
-BN_SKEW_MODES = ("density", "bn")  # the corrections for a BatchNorm ResNet
 PROBE_SEED_OFFSET = (
     7919  # the probe batches come from a stream seeded apart from training
 )
@@ -141,9 +126,10 @@ def make_neuron_probe(setup: train.Setup):
         "ms_raw": {},
         "ms_corrected": {},
     }
-    g_by = dict(_by_path(grads))
-    c_by = dict(_by_path(fixed))
-    for path, m in _by_path(masks):
+    g_by, c_by = common.by_path(grads), common.by_path(fixed)
+    for path, m in common.by_path(masks).items():
+      if m is None:  # a dense leaf
+        continue
       kept, ms = per_neuron_ms(g_by[path], m)
       _, ms_c = per_neuron_ms(c_by[path], m)
       out["kept"][path] = kept
@@ -153,18 +139,6 @@ def make_neuron_probe(setup: train.Setup):
     return out
 
   return probe
-
-
-def _by_path(tree) -> list[tuple[str, Any]]:
-  from sparseopt_jax import tree as tree_lib
-
-  return [
-      (tree_lib.path_str(p), x)
-      for p, x in jax.tree_util.tree_leaves_with_path(
-          tree, is_leaf=tree_lib.is_none
-      )
-      if x is not None
-  ]
 
 
 # ---------------------------------------------------------------------------
@@ -335,7 +309,7 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> str:
-  plt = pyplot()
+  plt = common.pyplot()
   stages = list(results["stages"])
   if not stages:
     return ""
@@ -422,7 +396,7 @@ def plot(results: dict, path: str) -> str:
       f" step {steps}",
       fontsize=10,
   )
-  return save_figure(fig, path, rect=(0, 0, 1, 0.96))
+  return common.save_figure(fig, path, rect=(0, 0, 1, 0.96))
 
 
 # ---------------------------------------------------------------------------
@@ -430,18 +404,20 @@ def plot(results: dict, path: str) -> str:
 
 
 def parse_args(argv):
-  p = make_parser(__doc__, "skew", smoke="4 steps of batch 16: a tiny run")
+  p = common.make_parser(
+      __doc__, "skew", smoke="4 steps of batch 16: a tiny run"
+  )
   p.add_argument(
       "--steps",
       type=int,
       default=None,
       help="training steps (default 300; smoke 4)",
   )
-  add_sparse_options(
+  common.add_sparse_options(
       p,
       skew="none",
       skew_help="the correction used for training (default none: the baseline)",
-      skew_modes=BN_SKEW_MODES,
+      skew_modes=common.BN_SKEW_MODES,
   )
   p.add_argument("--sparsity", type=float, default=0.9)
   p.add_argument(
@@ -468,19 +444,20 @@ def parse_args(argv):
   p.add_argument(
       "--devices", type=int, default=1, help="devices of the data-parallel mesh"
   )
-  add_seed_and_data(p)
+  common.add_seed_and_data(p)
   return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args = parse_args(argv)
+  args = parse_args(argv)  # argparse reads sys.argv for None
   smoke = args.smoke
-  fill_defaults(args, steps=(300, 4), probe_batches=(4, 2), trace_every=(5, 2))
+  common.fill_defaults(
+      args, steps=(300, 4), probe_batches=(4, 2), trace_every=(5, 2)
+  )
   steps = args.steps
   overrides = dict(
       steps=steps,
-      skew=skew_value(args.skew),
+      skew=common.skew_value(args.skew),
       topology=args.topology,
       sparsity=args.sparsity,
       seed=args.seed,
@@ -496,17 +473,12 @@ def main(argv: list[str] | None = None) -> dict:
     overrides["train_subset"] = 2048
   cfg = presets.get_preset(PRESET, **overrides)
 
-  machine = machine_info()  # load average and date at the start
+  machine = common.machine_info()  # load average and date at the start
   t_start = time.perf_counter()
   mesh = train.make_mesh(args.devices)
   train.check_batch_size(cfg.batch_size, mesh)
-  dataset = input_lib.load(
-      cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset
-  )
-  setup = train.make_setup(
-      cfg, dataset.info, dataset.steps_per_epoch(cfg.batch_size)
-  )
-  end_step = int(cfg.end_fraction * setup.num_steps)
+  dataset, setup = common.data_and_setup(cfg)
+  end_step = setup.end_step
   replicated = NamedSharding(mesh, P())
   state = jax.device_put(
       train.create_train_state(setup, dataset.info.image_shape), replicated
@@ -543,7 +515,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
     }
 
-  log(
+  common.log(
       f"== skew: {cfg.model} {cfg.sparsity:.0%} {cfg.distribution}"
       f" {cfg.topology} skew={cfg.skew}, {steps} steps of batch"
       f" {cfg.batch_size} on {mesh.devices.size} device(s); {len(sparse_paths)}"
@@ -565,7 +537,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.trace_every and (step % args.trace_every == 0 or step == steps):
       trace.append(trace_point(step))
     if step % 50 == 0 or step == steps:
-      log(
+      common.log(
           f"  step {step}: loss"
           f" {float(np.mean(jax.device_get(losses[-10:]))):.3f}"
           f" ({time.perf_counter() - t0:.0f} s)"
@@ -605,7 +577,7 @@ def main(argv: list[str] | None = None) -> dict:
     stages[stage] = s
   k = min(10, steps)
   results = {
-      **results_header("skew", argv, args, machine),
+      **common.results_header("skew", argv, args, machine),
       "preset": PRESET,
       "config": dataclasses.asdict(cfg),
       "end_step": end_step,
@@ -635,7 +607,7 @@ def main(argv: list[str] | None = None) -> dict:
           "probe_at_init_incl_compile": t_probe,
       },
   }
-  json_path, png_path = save_results(
+  json_path, png_path = common.save_results(
       results, args.out, f"skew{args.tag}", plot, t_start
   )
   print(markdown(results))

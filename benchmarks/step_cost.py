@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import os
 import statistics
 import sys
@@ -60,18 +61,7 @@ from sparseopt_jax.training import input as input_lib
 from sparseopt_jax.training import presets, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402  (benchmarks/ is not a package)
-    command,
-    fill_defaults,
-    log,
-    machine_info,
-    make_parser,
-    pyplot,
-    record_end_load,
-    save_figure,
-    timed,
-    write_json,
-)
+import common  # noqa: E402  (benchmarks/ is not a package)
 
 DELTA_T = 100
 BAR_ORDINARY = 1.03
@@ -255,7 +245,7 @@ class Arm:
         info,
         max(1, info.num_train // spec.batch_size),
     )
-    state, self.build_s, _ = timed(
+    state, self.build_s, _ = common.timed(
         train.create_train_state, self.setup, spec.image_shape
     )
     self.bytes = state_bytes(state)
@@ -266,7 +256,7 @@ class Arm:
       state = state.replace(opt_state=_with_step(state.opt_state, 1))
     self.state = jax.device_put(state, NamedSharding(mesh, P()))
     jitted, _, _ = train.jit_steps(self.setup, mesh)
-    self.step, self.compile_s, _ = timed(
+    self.step, self.compile_s, _ = common.timed(
         lambda: jitted.lower(self.state, batch, self.mask_update).compile()
     )
     self.hlo = hlo_stats(self.step)
@@ -280,7 +270,7 @@ class Arm:
 
   def run(self, batch) -> tuple[float, float]:
     """One train step, blocked on: (wall seconds, CPU seconds of this process)."""
-    (self.state, _), wall, cpu = timed(self.step, self.state, batch)
+    (self.state, _), wall, cpu = common.timed(self.step, self.state, batch)
     return wall, cpu
 
   def start_optimizer_only(self, seed: int = 0) -> None:
@@ -318,7 +308,7 @@ class Arm:
         self.state.batch_stats,
     ]
     jitted = jax.jit(opt_step, donate_argnums=(0, 1))
-    self.opt_step, self.opt_compile_s, _ = timed(
+    self.opt_step, self.opt_compile_s, _ = common.timed(
         lambda: jitted.lower(*self.opt_args).compile()
     )
     self.opt_hlo = hlo_stats(self.opt_step)
@@ -326,7 +316,7 @@ class Arm:
 
   def run_optimizer_only(self) -> tuple[float, float]:
     params, opt_state, grads, stats = self.opt_args
-    (params, opt_state), wall, cpu = timed(
+    (params, opt_state), wall, cpu = common.timed(
         self.opt_step, params, opt_state, grads, stats
     )
     self.opt_args = [params, opt_state, grads, stats]
@@ -371,10 +361,10 @@ def init_costs(spec: ModelSpec, dtype: str, seed: int = 0) -> dict[str, float]:
       make_config(spec, ARMS["rigl"][0], dtype), info, 1000
   )
   x = jnp.zeros((1, *spec.image_shape), jnp.float32)
-  variables, model_s, _ = timed(
+  variables, model_s, _ = common.timed(
       setup.model.init, jax.random.PRNGKey(seed), x, train=True
   )
-  _, tx_s, _ = timed(setup.tx.init, variables["params"])
+  _, tx_s, _ = common.timed(setup.tx.init, variables["params"])
   return {
       "model_init_eager_s": model_s,
       "tx_init_eager_s": tx_s,
@@ -388,6 +378,24 @@ def init_costs(spec: ModelSpec, dtype: str, seed: int = 0) -> dict[str, float]:
 
 def _median(xs):
   return float(statistics.median(xs))
+
+
+def _paired(f, *series) -> float:
+  """Median over rounds of ``f`` of the arms' times in the same round.
+
+  Pairing a step with the dense step of its own round cancels the load drift
+  that the two medians apart would keep.
+  """
+  return _median([f(*times) for times in zip(*series)])
+
+
+def amortised(ordinary: float, update: float) -> float:
+  """The mean step time when one step in ``DELTA_T`` updates the masks."""
+  return ((DELTA_T - 1) * ordinary + update) / DELTA_T
+
+
+def _amortised_ratio(ordinary: float, update: float, dense: float) -> float:
+  return amortised(ordinary, update) / dense
 
 
 def _interleave(
@@ -495,16 +503,16 @@ def bench_model(
       row["compile_ratio_to_dense"] = a.compile_s / dense.compile_s
     if dense is not None:
       row["ratio_to_dense"] = row["median_s"] / _median(dense.times)
-      row["ratio_to_dense_per_round_median"] = _median(
-          [t / d for t, d in zip(a.times, dense.times)]
+      row["ratio_to_dense_per_round_median"] = _paired(
+          operator.truediv, a.times, dense.times
       )
     row["cpu_median_s"] = _median(a.cpu_times)
     row["cpu_times_s"] = a.cpu_times
     if dense is not None:
       # CPU seconds of this process: less sensitive than wall time to other processes
       # taking the cores (though not to their cache and memory-bandwidth use).
-      row["cpu_ratio_to_dense_per_round_median"] = _median(
-          [t / d for t, d in zip(a.cpu_times, dense.cpu_times)]
+      row["cpu_ratio_to_dense_per_round_median"] = _paired(
+          operator.truediv, a.cpu_times, dense.cpu_times
       )
     if a.opt_times:
       row["optimizer_only_compile_s"] = a.opt_compile_s
@@ -514,14 +522,14 @@ def bench_model(
       row["optimizer_only_times_s"] = a.opt_times
       if dense is not None:
         # What the optimizer part adds over dense SGD's, as a fraction of a dense step.
-        row["optimizer_only_extra_s"] = _median(
-            [t - d for t, d in zip(a.opt_times, dense.opt_times)]
+        row["optimizer_only_extra_s"] = _paired(
+            operator.sub, a.opt_times, dense.opt_times
         )
         row["optimizer_only_ratio_estimate"] = 1 + row[
             "optimizer_only_extra_s"
         ] / _median(dense.times)
-        row["optimizer_only_ratio_to_dense"] = _median(
-            [t / d for t, d in zip(a.opt_times, dense.opt_times)]
+        row["optimizer_only_ratio_to_dense"] = _paired(
+            operator.truediv, a.opt_times, dense.opt_times
         )
     out["arms"][arm] = row
 
@@ -558,35 +566,33 @@ def bench_model(
       ordinary, update = _median(arms["rigl"].times), _median(
           arms["rigl_update"].times
       )
-      amortised = ((DELTA_T - 1) * ordinary + update) / DELTA_T
+      amortised_s = amortised(ordinary, update)
       summary.update(
           rigl_update_ratio=update / d,
           rigl_update_ratio_paired=out["arms"]["rigl_update"][
               "ratio_to_dense_per_round_median"
           ],
           rigl_update_extra_s=update - ordinary,
-          rigl_amortised_s=amortised,
-          rigl_amortised_ratio=amortised / d,
-          rigl_amortised_ratio_paired=_median([
-              ((DELTA_T - 1) * o + u) / DELTA_T / x
-              for o, u, x in zip(
-                  arms["rigl"].times, arms["rigl_update"].times, dense.times
-              )
-          ]),
-          rigl_amortised_cpu_ratio_paired=_median([
-              ((DELTA_T - 1) * o + u) / DELTA_T / x
-              for o, u, x in zip(
-                  arms["rigl"].cpu_times,
-                  arms["rigl_update"].cpu_times,
-                  dense.cpu_times,
-              )
-          ]),
+          rigl_amortised_s=amortised_s,
+          rigl_amortised_ratio=amortised_s / d,
+          rigl_amortised_ratio_paired=_paired(
+              _amortised_ratio,
+              arms["rigl"].times,
+              arms["rigl_update"].times,
+              dense.times,
+          ),
+          rigl_amortised_cpu_ratio_paired=_paired(
+              _amortised_ratio,
+              arms["rigl"].cpu_times,
+              arms["rigl_update"].cpu_times,
+              dense.cpu_times,
+          ),
       )
       if arms["rigl"].opt_times:
         o = out["arms"]["rigl"]["optimizer_only_extra_s"]
         u = out["arms"]["rigl_update"]["optimizer_only_extra_s"]
         summary["rigl_amortised_ratio_optimizer_only_estimate"] = (
-            1 + (((DELTA_T - 1) * o + u) / DELTA_T) / d
+            1 + amortised(o, u) / d
         )
     # Pass/fail on the paired ratios (median over rounds of arm / dense in the same round):
     # robust to load drift on a shared machine. Ratios of medians are reported alongside.
@@ -638,98 +644,143 @@ def bench_model(
 # Reporting
 
 
-def markdown(results: dict) -> str:
-  f3 = lambda v: "-" if v is None else f"{v:.3f}"
-  ms = lambda v: "-" if v is None else f"{v * 1e3:.1f}"
-  lines = [
-      (
-          "| model | arm | step | median ms | min ms | x dense SGD (ratio of"
-          " medians) | x dense SGD (paired) | x dense SGD (CPU time, paired) |"
-          " optimizer-only ms | optimizer-only extra ms | x dense SGD"
-          " (optimizer-only est.) |"
-      ),
-      "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-  ]
+def _f3(v) -> str:
+  return "-" if v is None else f"{v:.3f}"
+
+
+def _ms(v) -> str:
+  return "-" if v is None else f"{v * 1e3:.1f}"
+
+
+def _arm_rows(results: dict):
+  """(model, arm, row) for every arm of every model."""
   for model, res in results["models"].items():
     for arm, row in res["arms"].items():
-      kind = "mask update" if "update" in arm else "ordinary"
-      lines.append(
-          f"| {model} | {arm} | {kind} | {ms(row['median_s'])} |"
-          f" {ms(row['min_s'])} | {f3(row.get('ratio_to_dense'))} |"
-          f" {f3(row.get('ratio_to_dense_per_round_median'))} |"
-          f" {f3(row.get('cpu_ratio_to_dense_per_round_median'))} |"
-          f" {ms(row.get('optimizer_only_median_s'))} |"
-          f" {ms(row.get('optimizer_only_extra_s'))} |"
-          f" {f3(row.get('optimizer_only_ratio_estimate'))} |"
-      )
+      yield model, arm, row
+
+
+def _time_rows(results: dict):
+  """The step-time table: each arm, and RigL amortised at Delta-T after a model's arms."""
+  for model, res in results["models"].items():
+    for arm, row in res["arms"].items():
+      yield [
+          model,
+          arm,
+          "mask update" if "update" in arm else "ordinary",
+          _ms(row["median_s"]),
+          _ms(row["min_s"]),
+          _f3(row.get("ratio_to_dense")),
+          _f3(row.get("ratio_to_dense_per_round_median")),
+          _f3(row.get("cpu_ratio_to_dense_per_round_median")),
+          _ms(row.get("optimizer_only_median_s")),
+          _ms(row.get("optimizer_only_extra_s")),
+          _f3(row.get("optimizer_only_ratio_estimate")),
+      ]
     s = res["summary"]
     if "rigl_amortised_s" in s:
-      lines.append(
-          f"| {model} | rigl | amortised, Delta-T={DELTA_T} |"
-          f" {ms(s['rigl_amortised_s'])} | - | {f3(s['rigl_amortised_ratio'])}"
-          f" | {f3(s['rigl_amortised_ratio_paired'])} |"
-          f" {f3(s['rigl_amortised_cpu_ratio_paired'])} | - | - |"
-          f" {f3(s.get('rigl_amortised_ratio_optimizer_only_estimate'))} |"
-      )
-  lines += [
-      "",
-      (
-          "| model | arm | params | opt-state bytes / weight | mask bytes /"
-          " sparse weight | exploration bytes / sparse weight | sparse weights"
-          " | realised sparsity |"
-      ),
-      "|---|---|---:|---:|---:|---:|---:|---:|",
-  ]
-  for model, res in results["models"].items():
-    for arm, row in res["arms"].items():
-      m = row.get("mask_bytes_per_sparse_weight")
-      e = row.get("exploration_bytes_per_sparse_weight")
-      sp = row.get("realised_sparsity")
-      lines.append(
-          f"| {model} | {arm} | {row['params']:,} |"
-          f" {row['opt_state_bytes_per_weight']:.3f} |"
-          f" {'-' if m is None else f'{m:.3f}'} |"
-          f" {'-' if e is None else f'{e:.3f}'} |"
-          f" {row.get('sparse_weights', '-')} |"
-          f" {'-' if sp is None else f'{sp:.4f}'} |"
-      )
-  lines += [
-      "",
-      (
-          "| model | arm | variant | compile s | x dense | step HLO lines |"
-          " conditionals | optimizer-only HLO lines | optimizer-only fusions |"
-          " opt-state leaves | optimizer-only x dense (paired) |"
-      ),
-      "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-  ]
-  for model, res in results["models"].items():
-    for arm, row in res["arms"].items():
-      oh = row.get("optimizer_only_hlo") or {}
-      variant = {None: "in-graph cond", False: "ordinary", True: "mask update"}[
-          row.get("mask_update")
+      yield [
+          model,
+          "rigl",
+          f"amortised, Delta-T={DELTA_T}",
+          _ms(s["rigl_amortised_s"]),
+          "-",
+          _f3(s["rigl_amortised_ratio"]),
+          _f3(s["rigl_amortised_ratio_paired"]),
+          _f3(s["rigl_amortised_cpu_ratio_paired"]),
+          "-",
+          "-",
+          _f3(s.get("rigl_amortised_ratio_optimizer_only_estimate")),
       ]
-      lines.append(
-          f"| {model} | {arm} | {variant} | {row['compile_s']:.2f} |"
-          f" {f3(row.get('compile_ratio_to_dense'))} |"
-          f" {row['step_hlo']['hlo_lines']} | {row['step_hlo']['conditionals']}"
-          f" | {oh.get('hlo_lines', '-')} | {oh.get('fusions', '-')} |"
-          f" {row['opt_state_leaves']} |"
-          f" {f3(row.get('optimizer_only_ratio_to_dense'))} |"
-      )
-  lines += [
-      "",
-      "| model | eager model.init s | eager tx.init s (RigL 90% ERK) | ratio |",
-      "|---|---:|---:|---:|",
+
+
+def _bytes_row(model: str, arm: str, row: dict) -> list:
+  sp = row.get("realised_sparsity")
+  return [
+      model,
+      arm,
+      f"{row['params']:,}",
+      f"{row['opt_state_bytes_per_weight']:.3f}",
+      _f3(row.get("mask_bytes_per_sparse_weight")),
+      _f3(row.get("exploration_bytes_per_sparse_weight")),
+      row.get("sparse_weights", "-"),
+      "-" if sp is None else f"{sp:.4f}",
   ]
+
+
+def _compile_row(model: str, arm: str, row: dict) -> list:
+  oh = row.get("optimizer_only_hlo") or {}
+  variant = {None: "in-graph cond", False: "ordinary", True: "mask update"}
+  return [
+      model,
+      arm,
+      variant[row.get("mask_update")],
+      f"{row['compile_s']:.2f}",
+      _f3(row.get("compile_ratio_to_dense")),
+      row["step_hlo"]["hlo_lines"],
+      row["step_hlo"]["conditionals"],
+      oh.get("hlo_lines", "-"),
+      oh.get("fusions", "-"),
+      row["opt_state_leaves"],
+      _f3(row.get("optimizer_only_ratio_to_dense")),
+  ]
+
+
+def _init_rows(results: dict):
+  """Eager ``model.init`` against eager ``tx.init``, per model that measured them."""
   for model, res in results["models"].items():
-    i = res.get("init")
-    if i:
-      lines.append(
-          f"| {model} | {i['model_init_eager_s']:.2f} |"
-          f" {i['tx_init_eager_s']:.3f} | {i['tx_init_over_model_init']:.3f} |"
-      )
+    if i := res.get("init"):
+      yield [
+          model,
+          f"{i['model_init_eager_s']:.2f}",
+          f"{i['tx_init_eager_s']:.3f}",
+          f"{i['tx_init_over_model_init']:.3f}",
+      ]
+
+
+def markdown(results: dict) -> str:
+  arm_rows = list(_arm_rows(results))
+  tables = (  # (header, alignment, rows)
+      (
+          (
+              "| model | arm | step | median ms | min ms | x dense SGD (ratio"
+              " of medians) | x dense SGD (paired) | x dense SGD (CPU time,"
+              " paired) | optimizer-only ms | optimizer-only extra ms | x dense"
+              " SGD (optimizer-only est.) |"
+          ),
+          "lllrrrrrrrr",
+          _time_rows(results),
+      ),
+      (
+          (
+              "| model | arm | params | opt-state bytes / weight | mask bytes /"
+              " sparse weight | exploration bytes / sparse weight | sparse"
+              " weights | realised sparsity |"
+          ),
+          "llrrrrrr",
+          [_bytes_row(*r) for r in arm_rows],
+      ),
+      (
+          (
+              "| model | arm | variant | compile s | x dense | step HLO lines |"
+              " conditionals | optimizer-only HLO lines | optimizer-only"
+              " fusions | opt-state leaves | optimizer-only x dense (paired) |"
+          ),
+          "lllrrrrrrrr",
+          [_compile_row(*r) for r in arm_rows],
+      ),
+      (
+          (
+              "| model | eager model.init s | eager tx.init s (RigL 90% ERK) |"
+              " ratio |"
+          ),
+          "lrrr",
+          _init_rows(results),
+      ),
+  )
+  lines = []
+  for head, align, rows in tables:
+    lines += [*common.markdown_table(head, rows, align), ""]
   lines += [
-      "",
       (
           "Paired ratio: median over rounds of (arm step / dense step in the"
           " same round). Optimizer-only: tx.update + apply alone on fixed"
@@ -773,24 +824,21 @@ def markdown(results: dict) -> str:
           f" ({context('amortised')}); mask bytes"
           f" {'PASS' if s.get('pass_mask_bytes') else 'FAIL'}; tx.init <="
           f" {BAR_INIT}x model.init {'PASS' if s.get('pass_init') else 'FAIL'}"
-          f" ({f3(s.get('tx_init_over_model_init'))}); compile <="
+          f" ({_f3(s.get('tx_init_over_model_init'))}); compile <="
           f" {BAR_COMPILE}x {'PASS' if s.get('pass_compile') else 'FAIL'}"
-          f" (ordinary {f3(s.get('compile_ratio_ordinary'))}, update variant"
-          f" {f3(s.get('compile_ratio_update_variant'))}, compiled in the"
+          f" (ordinary {_f3(s.get('compile_ratio_ordinary'))}, update variant"
+          f" {_f3(s.get('compile_ratio_update_variant'))}, compiled in the"
           " background by the training loop); optimizer only <="
           f" {BAR_OPTIMIZER_ONLY}x"
           f" {'PASS' if s.get('pass_optimizer_only') else 'FAIL'}"
-          f" ({f3(s.get('optimizer_only_ratio'))})"
+          f" ({_f3(s.get('optimizer_only_ratio'))})"
       )
   return "\n".join(lines)
 
 
 def plot(results: dict, path: str) -> str:
-  plt = pyplot()
   names = list(results["models"])
-  fig, axes = plt.subplots(
-      2, len(names), figsize=(5.5 * len(names), 7.5), squeeze=False
-  )
+  fig, axes = common.panel_grid(2, len(names), 5.5, 3.75)
   for j, model in enumerate(names):
     res = results["models"][model]
     arms = list(res["arms"])
@@ -855,7 +903,7 @@ def plot(results: dict, path: str) -> str:
       f"jax {m['jax']} {m['backend']}, {m['date'][:10]}",
       fontsize=9,
   )
-  return save_figure(fig, path)
+  return common.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------
@@ -863,7 +911,7 @@ def plot(results: dict, path: str) -> str:
 
 
 def parse_args(argv):
-  p = make_parser(
+  p = common.make_parser(
       __doc__, "step_cost", smoke="tiny widths and batches, 3 rounds"
   )
   p.add_argument(
@@ -919,9 +967,9 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> dict:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+  args = parse_args(argv)  # argparse reads sys.argv for None
   specs = SMOKE if args.smoke else MODELS
-  fill_defaults(
+  common.fill_defaults(
       args,
       models=(["resnet20", "resnet50"], ["resnet20"]),
       rounds=(15, 3),
@@ -934,7 +982,7 @@ def main(argv: list[str] | None = None) -> dict:
     arm_names.insert(0, "dense_sgd")
 
   results = {
-      "machine": machine_info(),
+      "machine": common.machine_info(),
       "smoke": args.smoke,
       "delta_t": DELTA_T,
       "bars": {
@@ -942,7 +990,7 @@ def main(argv: list[str] | None = None) -> dict:
           "amortised": BAR_AMORTISED,
           "mask_bytes_per_weight": BAR_MASK_BYTES,
       },
-      "command": command("step_cost", argv),
+      "command": common.command("step_cost", argv),
       "models": {},
   }
   t0 = time.perf_counter()
@@ -950,7 +998,7 @@ def main(argv: list[str] | None = None) -> dict:
     r = rounds
     if name == "resnet50" and not args.smoke:
       r = args.rounds_resnet50 or min(rounds, 5)
-    log(f"== {name}: {r} rounds, arms {arm_names}")
+    common.log(f"== {name}: {r} rounds, arms {arm_names}")
     t_model = time.perf_counter()
     res = bench_model(
         name,
@@ -960,13 +1008,13 @@ def main(argv: list[str] | None = None) -> dict:
         warmup,
         args.dtype,
         opt_rounds=args.opt_rounds,
-        log=log,
+        log=common.log,
     )
     res["wall_s"] = time.perf_counter() - t_model
-    res["machine"], res["command"] = machine_info(), results["command"]
+    res["machine"], res["command"] = common.machine_info(), results["command"]
     results["models"][name] = res
   results["wall_s"] = time.perf_counter() - t0
-  record_end_load(results["machine"])
+  common.record_end_load(results["machine"])
 
   json_path = os.path.join(args.out, f"step_cost{args.tag}.json")
   if args.merge and os.path.exists(json_path):
@@ -986,7 +1034,7 @@ def main(argv: list[str] | None = None) -> dict:
         res.setdefault("command", old.get("command"))
         kept[name] = res
     results["models"] = {**kept, **results["models"]}
-  write_json(results, json_path, indent=2)
+  common.write_json(results, json_path, indent=2)
   png_path = plot(results, os.path.join(args.out, f"step_cost{args.tag}.png"))
   print(markdown(results))
   print(f"\nwrote {json_path} and {png_path}")

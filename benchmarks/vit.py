@@ -36,9 +36,9 @@ Writes ``<out>/vit.json`` and ``<out>/vit.png``; prints the tables.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -46,7 +46,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import machine_info, save_figure  # noqa: E402
+import common  # noqa: E402  (benchmarks/ is not a package)
+import sweep  # noqa: E402
 
 ARMS = ("none", "density", "layernorm")
 OPTIMIZERS = {
@@ -104,7 +105,7 @@ def config(args, s, opt, arm, seed, steps_per_epoch):
 def head_and_neuron_slopes(setup, state, batch, correct) -> dict:
   """Skew slopes of the gradient on ``batch``: per head (query/key) and per neuron (bins)."""
   import jax
-  from layernorm_skew import by_path, head_slopes, neuron_bins, pooled_slope
+  from layernorm_skew import head_slopes, neuron_bins, pooled_slope
 
   import sparseopt_jax as so
   from sparseopt_jax.training import train
@@ -118,8 +119,8 @@ def head_and_neuron_slopes(setup, state, batch, correct) -> dict:
         continue
       g, _ = correct.update(grads, correct.init(grads), masks=masks)
     head, _ = head_slopes(g, masks)
-    gp, groups = by_path(g), {}
-    for path, m in by_path(masks).items():
+    gp, groups = common.by_path(g), {}
+    for path, m in common.by_path(masks).items():
       if m is not None:
         groups[path] = neuron_bins(gp[path], m, path, 8)
     out[f"head_{kind}"] = head
@@ -212,51 +213,25 @@ def one_run(args, job, dataset) -> dict:
 
 
 def work(args, worker: int, num_workers: int) -> None:
-  import jax
-
+  """Run this worker's share of the runs, skipping those already on disk."""
   from sparseopt_jax.training import input as input_lib
 
-  jax.config.update(
-      "jax_compilation_cache_dir", os.path.join(args.out, ".jax_cache")
-  )
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  sweep.use_compilation_cache(args.out)
   dataset = input_lib.load("fashion_mnist", train_subset=args.train_subset)
-  for i, job in enumerate(jobs(args)):
+  for job in sweep.share(jobs(args), worker, num_workers):
     path = run_path(args, job)
-    if i % num_workers != worker or os.path.exists(path):
+    if os.path.exists(path):
       continue
     t = time.time()
     result = one_run(args, job, dataset)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(result, f)
+    # Written whole, then renamed: an interrupted write leaves no run behind.
+    common.write_json(result, path + ".tmp", indent=None)
     os.replace(path + ".tmp", path)
     print(
         f"[worker {worker}] {run_name(*job)}: acc"
         f" {100 * result['test_accuracy']:.2f}% in {time.time() - t:.0f} s",
         flush=True,
     )
-
-
-def launch(args) -> None:
-  if args.jobs == 1:
-    work(args, 0, 1)
-    return
-  procs = []
-  for w in range(args.jobs):
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        *sys.argv[1:],
-        "--worker",
-        str(w),
-    ]
-    env = dict(os.environ)
-    env.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
-    procs.append(subprocess.Popen(cmd, env=env))
-  codes = [p.wait() for p in procs]
-  if any(codes):
-    raise SystemExit(f"a worker failed: exit codes {codes}")
 
 
 # ---------------------------------------------------------------------------
@@ -284,24 +259,25 @@ def transients(run: dict, window: int) -> list[float]:
   return out
 
 
+def runs_of(runs: dict, s: float, opt: str, arm: str) -> list[dict]:
+  """The runs of one arm at one sparsity and optimizer, by seed."""
+  return sorted(
+      (
+          r
+          for r in runs.values()
+          if (r["sparsity"], r["optimizer"], r["arm"]) == (s, opt, arm)
+      ),
+      key=lambda r: r["seed"],
+  )
+
+
 def summarize(args, runs: dict) -> list[dict]:
   rows = []
   for s in args.sparsities:
     for opt in args.optimizers:
-      base = {
-          r["seed"]: r
-          for r in runs.values()
-          if (r["sparsity"], r["optimizer"], r["arm"]) == (s, opt, "none")
-      }
+      base = {r["seed"]: r for r in runs_of(runs, s, opt, "none")}
       for arm in args.arms:
-        rs = sorted(
-            (
-                r
-                for r in runs.values()
-                if (r["sparsity"], r["optimizer"], r["arm"]) == (s, opt, arm)
-            ),
-            key=lambda r: r["seed"],
-        )
+        rs = runs_of(runs, s, opt, arm)
         if not rs:
           continue
         acc = np.array([100 * r["test_accuracy"] for r in rs])
@@ -320,10 +296,10 @@ def summarize(args, runs: dict) -> list[dict]:
             "arm": arm,
             "seeds": len(rs),
             "acc_mean": float(acc.mean()),
-            "acc_std": float(acc.std(ddof=1)) if len(rs) > 1 else 0.0,
+            "acc_std": common.sample_std(acc),
             "test_loss_mean": float(np.mean([r["test_loss"] for r in rs])),
             "transient_mean": float(tr.mean()),
-            "transient_std": float(tr.std(ddof=1)) if len(rs) > 1 else 0.0,
+            "transient_std": common.sample_std(tr),
             "loss_after_update_mean": float(after.mean()),
             "exploration": float(np.mean([r["exploration"] for r in rs])),
             "train_s_mean": float(np.mean([r["train_s"] for r in rs])),
@@ -351,25 +327,15 @@ def summarize(args, runs: dict) -> list[dict]:
               for r, b in paired
           ])
           row["delta_acc_mean"] = float(d.mean())
-          row["delta_acc_std"] = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+          row["delta_acc_std"] = common.sample_std(d)
           row["delta_transient_mean"] = float(dt.mean())
-          row["delta_transient_std"] = (
-              float(dt.std(ddof=1)) if len(dt) > 1 else 0.0
-          )
+          row["delta_transient_std"] = common.sample_std(dt)
         # Undefined figures (a tiny smoke model's empty heads) are null, not NaN.
-        rows.append({
-            k: None if isinstance(v, float) and not np.isfinite(v) else v
-            for k, v in row.items()
-        })
+        rows.append(common.null_if_undefined(row))
   return rows
 
 
 def table(rows: list[dict]) -> str:
-  f = (
-      lambda v, fmt: "–"
-      if v is None or (isinstance(v, float) and not np.isfinite(v))
-      else fmt.format(v)
-  )
   lines = [
       (
           "| sparsity | optimizer | arm | test acc % (mean ± std) | Δ acc vs"
@@ -383,34 +349,23 @@ def table(rows: list[dict]) -> str:
     lines.append(
         f"| {r['sparsity']:.0%} | {r['optimizer']} | {r['arm']} |"
         f" {r['acc_mean']:.2f} ± {r['acc_std']:.2f} |"
-        f" {f(r.get('delta_acc_mean'), '{:+.2f}')}{f(r.get('delta_acc_std'), ' ± {:.2f}') if 'delta_acc_std' in r else ''}"
+        f" {common.cell(r.get('delta_acc_mean'), '{:+.2f}')}{common.cell(r.get('delta_acc_std'), ' ± {:.2f}') if 'delta_acc_std' in r else ''}"
         f" | {r['transient_mean']:+.4f} ± {r['transient_std']:.4f} |"
-        f" {f(r.get('delta_transient_mean'), '{:+.4f}')}{f(r.get('delta_transient_std'), ' ± {:.4f}') if 'delta_transient_std' in r else ''}"
-        f" | {f(r['slope_head_raw'], '{:+.2f}')} /"
-        f" {f(r['slope_head_corrected'], '{:+.2f}')} |"
-        f" {f(r['slope_neuron_raw'], '{:+.2f}')} /"
-        f" {f(r['slope_neuron_corrected'], '{:+.2f}')} |"
+        f" {common.cell(r.get('delta_transient_mean'), '{:+.4f}')}{common.cell(r.get('delta_transient_std'), ' ± {:.4f}') if 'delta_transient_std' in r else ''}"
+        f" | {common.cell(r['slope_head_raw'], '{:+.2f}')} /"
+        f" {common.cell(r['slope_head_corrected'], '{:+.2f}')} |"
+        f" {common.cell(r['slope_neuron_raw'], '{:+.2f}')} /"
+        f" {common.cell(r['slope_neuron_corrected'], '{:+.2f}')} |"
     )
   return "\n".join(lines)
 
 
 def plot(args, runs: dict, path: str) -> str:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   panels = [(s, o) for s in args.sparsities for o in args.optimizers]
-  fig, axes = plt.subplots(
-      2, len(panels), figsize=(4.5 * len(panels), 7), squeeze=False
-  )
+  fig, axes = common.panel_grid(2, len(panels), 4.5, 3.5)
   for j, (s, opt) in enumerate(panels):
     for arm in args.arms:
-      rs = [
-          r
-          for r in runs.values()
-          if (r["sparsity"], r["optimizer"], r["arm"]) == (s, opt, arm)
-      ]
+      rs = runs_of(runs, s, opt, arm)
       if not rs:
         continue
       loss = np.array([r["train_losses"] for r in rs])
@@ -453,7 +408,7 @@ def plot(args, runs: dict, path: str) -> str:
   fig.suptitle(
       f"Sparse ViT (QK-norm), Fashion-MNIST, RigL: mean over {args.seeds} seeds"
   )
-  return save_figure(fig, path)
+  return common.save_figure(fig, path)
 
 
 def parse(argv):
@@ -481,12 +436,9 @@ def parse(argv):
   p.add_argument(
       "--window", type=int, default=10, help="steps after a mask update"
   )
-  p.add_argument(
-      "--jobs", type=int, default=2, help="parallel worker processes"
-  )
+  sweep.add_options(p)
   p.add_argument("--smoke", action="store_true", help="a tiny sweep for CI")
   p.add_argument("--out", default=os.path.join(HERE, "results"))
-  p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.smoke:
     args.sparsities, args.optimizers, args.seeds = [0.9], ["adamw"], 2
@@ -498,29 +450,23 @@ def parse(argv):
 
 
 def main(argv=None) -> dict:
-  args = parse(sys.argv[1:] if argv is None else argv)
-  os.makedirs(args.out, exist_ok=True)
-  if args.worker is not None:
-    work(args, args.worker, args.jobs)
-    return {}
+  args = parse(argv)  # argparse reads sys.argv for None
   t = time.time()
-  launch(args)
+  if not sweep.run(__file__, argv, args, functools.partial(work, args)):
+    return {}  # a worker: the parent aggregates
   runs = {}
   for job in jobs(args):
     with open(run_path(args, job)) as f:
       runs[run_name(*job)] = json.load(f)
   rows = summarize(args, runs)
   result = {
-      "machine": machine_info(),
+      **common.results_header("vit", argv),
       "wall_time_s": time.time() - t,
-      "settings": {
-          k: v for k, v in vars(args).items() if k not in ("worker", "out")
-      },
+      "settings": sweep.settings(args),
       "rows": rows,
       "table": table(rows),
   }
-  with open(os.path.join(args.out, "vit.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  common.write_json(result, os.path.join(args.out, "vit.json"))
   plot(args, runs, os.path.join(args.out, "vit.png"))
   print(result["table"])
   return result
