@@ -252,7 +252,7 @@ def select_leaves(
   ]
   fields = list(zip(score, candidates, count, tie_keys, strict=True))
   long = [i for i, x in enumerate(score) if x.shape[1] >= CHUNK]
-  short = [i for i in range(len(fields)) if i not in set(long)]
+  short = [i for i, x in enumerate(score) if x.shape[1] < CHUNK]
   out = [None] * len(fields)
   for which, select in ((long, _select_packed), (short, _select_by_leaf)):
     if which:

@@ -280,3 +280,17 @@ def test_layernorm_skew_benchmark_smoke(tmp_path):
   assert _finite(r["uniform_sweep"]["slopes"]["fc1"])
   assert _finite(r["head_init"]["layernorm"]["slope"])
   assert "Per head" in results["table"]
+
+
+@pytest.mark.slow  # two runs of the training program: about 35 s of CPU
+def test_main_job_records_both_runs_of_compare_sh(tmp_path):
+  main_job = _load_benchmark_script("main_job")
+  main_job.main(["--smoke", "--out", str(tmp_path), "--tag", "_t"])
+  results = json.load(open(tmp_path / "main_job_t.json"))
+  assert results["command"].startswith("bash scripts/compare.sh --steps 4")
+  assert results["machine"]["cpu_count"] >= 1
+  for arm in main_job.ARMS:
+    assert results["final"][arm]["step"] == 4
+    assert [s for s, _ in results["curve"][arm]] == [0, 2, 4]
+    assert (tmp_path / f"{arm}_metrics_t.jsonl").exists()
+  assert (tmp_path / "compare_t.png").read_bytes()[:4] == b"\x89PNG"
