@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -22,10 +23,10 @@ import optax
 import pytest
 
 # Tests marked `multi_device` need several devices; every other test runs on one
-# CPU device. The main pytest process has one; at the first of them it runs all
-# the selected multi-device tests in one child pytest process with MULTI_DEVICE_COUNT
-# simulated CPU devices (`_DEVICES_ENV` set), which it kills (SIGKILL) if they
-# run past their budget: a stuck XLA:CPU collective fails in minutes instead of
+# CPU device. The main pytest process has one; once the tests are collected it
+# starts, in the background, one child pytest process that runs all the selected
+# multi-device tests with MULTI_DEVICE_COUNT simulated CPU devices (`_DEVICES_ENV`
+# set), and kills it (SIGKILL) if they run past their budget: a stuck XLA:CPU collective fails in minutes instead of
 # holding the whole run (a thread blocked inside XLA ignores SIGINT and SIGTERM).
 MULTI_DEVICE_COUNT = 8
 _DEVICES_ENV = "SPARSEOPT_TEST_DEVICES"
@@ -61,11 +62,15 @@ def _multi_device_xla_flags(count: int) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-  """In the main process, a multi-device test's time limit covers the child."""
+  """In the main process, multi-device tests come last, when the child that
+  runs them has had the whole run to finish; each one's time limit covers the
+  child."""
   del config
   if IN_CHILD:
     return
   group = [i for i in items if i.get_closest_marker("multi_device")]
+  items[:] = [i for i in items if not i.get_closest_marker("multi_device")]
+  items.extend(group)
   total = sum(map(_budget, group))
   for item in group:
     item.add_marker(pytest.mark.timeout(total + 120))
@@ -101,82 +106,133 @@ def pytest_pyfunc_call(pyfuncitem):
   return True
 
 
-_CHILD_RUN = []
+def pytest_collection_finish(session):
+  """Starts the multi-device child as soon as the tests are known.
+
+  The main process runs its single-device tests on about one core meanwhile,
+  so the child's minute overlaps them instead of adding to the run; the tests
+  it reports wait for it (`_child_results`).
+  """
+  # Under pytest-xdist each worker collects every test: a worker starts the
+  # child only if it is given a multi-device test.
+  if IN_CHILD or session.config.option.collectonly or _XDIST_WORKER:
+    return
+  _start_child(session)
 
 
-def _child_results(item):
-  """Runs every selected multi-device test in one child, once: each child pays
-  for starting Python, JAX and Flax (about 6 s)."""
-  if not _CHILD_RUN:
-    group = [
-        i for i in item.session.items if i.get_closest_marker("multi_device")
-    ]
-    _CHILD_RUN.append(
-        _run_child(
-            item.config,
+_CHILD = []
+_XDIST_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+
+
+def _start_child(session):
+  group = [i for i in session.items if i.get_closest_marker("multi_device")]
+  if group and not _CHILD:
+    _CHILD.append(
+        _Child(
+            session.config,
             [i.nodeid for i in group],
             sum(map(_budget, group)),
             max(map(_budget, group)),
         )
     )
-  return _CHILD_RUN[0]
 
 
-def _run_child(config, nodeids, budget, per_test):
-  """``pytest nodeids`` on MULTI_DEVICE_COUNT devices, killed after ``budget`` s.
+def _child_results(item):
+  """The child's results, waiting for it the first time (`_Child.wait`)."""
+  _start_child(item.session)
+  return _CHILD[0].wait()
 
-  ``per_test``: the child's own limit of each test (pytest-timeout). Returns
-  (results by node id, how the child ended, its output).
+
+class _Child:
+  """``pytest nodeids`` on MULTI_DEVICE_COUNT devices, started in the background.
+
+  One child for every selected multi-device test: each child pays for starting
+  Python, JAX and Flax (about 6 s). ``budget``: seconds from its start to its
+  SIGKILL; ``per_test``: the child's own limit of each test (pytest-timeout).
   """
-  fd, report = tempfile.mkstemp(
-      prefix="sparseopt-multi-device-", suffix=".jsonl"
-  )
-  os.close(fd)
-  env = dict(os.environ)
-  env.update({
-      "XLA_FLAGS": _multi_device_xla_flags(MULTI_DEVICE_COUNT),
-      _DEVICES_ENV: str(MULTI_DEVICE_COUNT),
-      _REPORT_ENV: report,
-  })
-  cmd = [
-      sys.executable,
-      "-m",
-      "pytest",
-      "-q",
-      "-p",
-      "no:cacheprovider",
-      "-o",
-      "addopts=",
-      "-o",
-      f"timeout={per_test}",
-      *nodeids,
-  ]
-  # A session of its own: a kill reaches whatever the tests started too.
-  proc = subprocess.Popen(
-      cmd,
-      cwd=config.rootpath,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-      start_new_session=True,
-  )
-  try:
-    output, _ = proc.communicate(timeout=budget)
-    how = f"exited with status {proc.returncode}"
-  except subprocess.TimeoutExpired:
-    os.killpg(proc.pid, signal.SIGKILL)
-    output, _ = proc.communicate()
-    how = f"was killed (SIGKILL) after its budget of {budget} s"
-  results = {}
-  with open(report) as f:
-    for line in f:
-      row = json.loads(line)
-      # A failed setup or teardown outranks a passed call.
-      if results.get(row["nodeid"], {}).get("outcome") != "failed":
-        results[row["nodeid"]] = row
-  os.remove(report)
-  return results, how, output
+
+  def __init__(self, config, nodeids, budget, per_test):
+    fd, self._report = tempfile.mkstemp(
+        prefix="sparseopt-multi-device-", suffix=".jsonl"
+    )
+    os.close(fd)
+    env = dict(os.environ)
+    env.update({
+        "XLA_FLAGS": _multi_device_xla_flags(MULTI_DEVICE_COUNT),
+        _DEVICES_ENV: str(MULTI_DEVICE_COUNT),
+        _REPORT_ENV: self._report,
+    })
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",
+        "-o",
+        f"timeout={per_test}",
+        *nodeids,
+    ]
+    # Output to a file, not a pipe: nobody reads it until the child ends.
+    self._output = tempfile.TemporaryFile(mode="w+")
+    self._deadline = time.monotonic() + budget
+    self._budget = budget
+    self._result = None
+    # A session of its own: a kill reaches whatever the tests started too.
+    self._proc = subprocess.Popen(
+        cmd,
+        cwd=config.rootpath,
+        env=env,
+        stdout=self._output,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+  def wait(self):
+    """(results by node id, how the child ended, its output)."""
+    if self._result is None:
+      self._result = self._finish()
+    return self._result
+
+  def _finish(self):
+    proc = self._proc
+    try:
+      proc.wait(timeout=max(1.0, self._deadline - time.monotonic()))
+      how = f"exited with status {proc.returncode}"
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+      how = f"was killed (SIGKILL) after its budget of {self._budget} s"
+    self._output.seek(0)
+    output = self._output.read()
+    self._output.close()
+    results = {}
+    with open(self._report) as f:
+      for line in f:
+        row = json.loads(line)
+        # A failed setup or teardown outranks a passed call.
+        if results.get(row["nodeid"], {}).get("outcome") != "failed":
+          results[row["nodeid"]] = row
+    os.remove(self._report)
+    return results, how, output
+
+  def kill(self):
+    """Ends a child nobody waited for (the run stopped early)."""
+    if self._result is None:
+      if self._proc.poll() is None:
+        os.killpg(self._proc.pid, signal.SIGKILL)
+      self._proc.wait()
+      self._output.close()
+      os.remove(self._report)
+
+
+def pytest_sessionfinish(session):
+  del session
+  for child in _CHILD:
+    child.kill()
 
 
 def pytest_runtest_logreport(report):
